@@ -1,0 +1,29 @@
+"""Pure tensor math for RL post-training: advantages, policy losses, KL estimators, aggregation.
+
+Nothing here knows about models, engines, files or Ray. Each registry maps the name users write in
+configs to a function; the catalog grows by adding entries, not by touching the training loop.
+"""
+
+from rollmill.algos.advantages import ADVANTAGES, group_normalized_advantages
+from rollmill.algos.aggregation import LOSS_AGGREGATIONS, aggregate_loss
+from rollmill.algos.kl import KL_ESTIMATORS, kl_estimate
+from rollmill.algos.losses import POLICY_LOSSES, PolicyLossOutput, ppo_clip_loss
+
+# A preset fills the algorithm section's defaults for a named recipe.
+ALGORITHMS: dict[str, dict] = {
+    "grpo": {"advantage": "grpo", "loss": "ppo_clip", "loss_agg": "token-mean"},
+    "dr_grpo": {"advantage": "dr_grpo", "loss": "ppo_clip", "loss_agg": "seq-mean-token-sum-norm"},
+}
+
+__all__ = [
+    "ADVANTAGES",
+    "ALGORITHMS",
+    "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "POLICY_LOSSES",
+    "PolicyLossOutput",
+    "aggregate_loss",
+    "group_normalized_advantages",
+    "kl_estimate",
+    "ppo_clip_loss",
+]

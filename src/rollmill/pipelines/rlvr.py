@@ -1,0 +1,164 @@
+"""RLVR: prompts -> G samples each -> verifiable rewards -> advantages -> policy update, repeated.
+
+This file composes the parts (tasks, engine, rewards, algos, trainer, checkpoints, logging); it
+holds no math of its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rollmill.algos import ADVANTAGES
+from rollmill.config import RunConfig, dump_config
+from rollmill.models import load_model
+from rollmill.pipelines.common import PromptCursor, encode_prompt, sampling_params, seed_everything, step_seed
+from rollmill.pipelines.evaluate import evaluate
+from rollmill.rewards import compute_rewards
+from rollmill.rollout import HFEngine
+from rollmill.tasks import load_task
+from rollmill.track import RunLogger, plot_run
+from rollmill.train import PolicyTrainer, build_batch, list_checkpoints, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Timings and throughput vary run to run; everything else in a record is a function of the seed.
+NONDETERMINISTIC_PREFIXES = ("time/", "throughput/")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    eval_before: dict | None
+    eval_after: dict | None
+    steps: int
+
+
+class RLVRPipeline:
+    """Owns one run: its model, engine, trainer, data cursor and run directory."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        seed_everything(cfg.train.seed)
+        self.train_examples, self.eval_examples = load_task(cfg.task)  # bad data fails before the model loads
+        self.model, self.tokenizer = load_model(cfg.model)
+        ref = None
+        if cfg.algorithm.kl_coef > 0:
+            ref = copy.deepcopy(self.model).requires_grad_(False)
+        self.engine = HFEngine(self.model, self.tokenizer, batch_size=cfg.rollout.batch_size)
+        self.trainer = PolicyTrainer(
+            self.model, cfg.train, cfg.algorithm, temperature=cfg.rollout.sampling.temperature,
+            max_new_tokens=cfg.rollout.sampling.max_new_tokens, ref_model=ref,
+        )
+        self.cursor = PromptCursor(self.train_examples, seed=cfg.task.seed + cfg.train.seed)
+        self.step = 0
+        self.eval_before: dict | None = None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resume_step = self._resume() if resume else None
+        dump_config(cfg, run_dir / "config.yaml")
+        self.logger = RunLogger(run_dir, tensorboard=cfg.log.tensorboard, resume_step=resume_step)
+
+    def _resume(self) -> int:
+        ckpts = list_checkpoints(self.run_dir / "checkpoints")
+        if not ckpts:
+            log.info("no checkpoint in %s: starting from step 0", self.run_dir)
+            return 0
+        state = load_checkpoint(ckpts[-1], self.model, self.trainer)
+        self.step = state["step"]
+        self.cursor = PromptCursor(self.train_examples, self.cursor.seed, **state["cursor"])
+        self.engine.update_weights(self.model.state_dict(), state["version"])
+        self.eval_before = state.get("eval_before")
+        log.info("resumed from %s (step %d)", ckpts[-1], self.step)
+        return self.step
+
+    def _evaluate(self, step: int) -> dict:
+        metrics = evaluate(self.engine, self.tokenizer, self.eval_examples, self.cfg, seed=step_seed(self.cfg.train.seed, -1))
+        self.logger.log_metrics({"step": step, **metrics})
+        return metrics
+
+    def rollout_and_train(self) -> dict:
+        """One RL step: sample, score, compute advantages, update, sync weights."""
+        cfg = self.cfg
+        examples = self.cursor.take(cfg.rollout.prompts_per_step)
+        prompts = [encode_prompt(self.tokenizer, ex, cfg.task) for ex in examples]
+        t0 = time.perf_counter()
+        sp = sampling_params(cfg.rollout.sampling, n=cfg.rollout.group_size)
+        completions = self.engine.generate(prompts, sp, seed=step_seed(cfg.train.seed, self.step))
+        t_rollout = time.perf_counter() - t0
+        repeated = [examples[c.prompt_index] for c in completions]
+        rewards = compute_rewards([c.text for c in completions], repeated, cfg.reward)
+        scores = torch.tensor(rewards.total).view(len(examples), cfg.rollout.group_size)
+        advantages = ADVANTAGES[cfg.algorithm.advantage](scores).flatten()
+        batch = build_batch(completions, advantages, self.tokenizer.pad_token_id)
+        t1 = time.perf_counter()
+        train_metrics = self.trainer.step(batch)
+        t_train = time.perf_counter() - t1
+        self.step += 1
+        self.engine.update_weights(self.model.state_dict(), self.step)
+        for line in rewards.errors[:3]:
+            log.warning("step %d: reward failed: %s", self.step, line)
+        lengths = [len(c.token_ids) for c in completions]
+        record = {
+            "step": self.step,
+            "reward/mean": float(scores.mean()),
+            "reward/std": float(scores.std()) if scores.numel() > 1 else 0.0,
+            "reward/failed": float(sum(rewards.failed)),
+            "accuracy/train": sum(rewards.correct) / len(completions),
+            "groups/zero_std_fraction": float((scores.std(dim=1) == 0).float().mean()) if scores.shape[1] > 1 else 1.0,
+            "response_length/mean": sum(lengths) / len(lengths),
+            "response_length/clipped_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+            **train_metrics,
+            "time/rollout_s": t_rollout,
+            "time/train_s": t_train,
+            "throughput/tokens_per_s": sum(lengths) / (t_rollout + t_train),
+            "throughput/rollout_tokens_per_s": sum(lengths) / t_rollout,
+        }
+        samples = [
+            {"prompt": repeated[i].prompt, "answer": repeated[i].answer, "completion": completions[i].text,
+             "reward": rewards.total[i], "correct": rewards.correct[i], "finish_reason": completions[i].finish_reason}
+            for i in range(min(cfg.log.samples_per_step, len(completions)))
+        ]
+        self.logger.log_samples(self.step, samples)
+        return record
+
+    def _checkpoint(self) -> None:
+        state = {"cursor": self.cursor.state(), "version": self.engine.version, "eval_before": self.eval_before}
+        save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.trainer, state, self.cfg.checkpoint.keep)
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        if self.step == 0 and cfg.eval.before:
+            self.eval_before = self._evaluate(0)
+            log.info("held-out accuracy before training: %.3f", self.eval_before["eval/accuracy"])
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", disable=not cfg.log.progress, dynamic_ncols=True)
+        eval_after = None
+        while self.step < cfg.train.steps:
+            record = self.rollout_and_train()
+            last = self.step == cfg.train.steps
+            if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
+                eval_after = evaluate(self.engine, self.tokenizer, self.eval_examples, cfg, seed=step_seed(cfg.train.seed, -1))
+                record.update(eval_after)
+            self.logger.log_metrics(record)
+            if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                self._checkpoint()
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward/mean']:.3f}", loss=f"{record['loss']:.4f}", **(
+                {"eval": f"{record['eval/accuracy']:.3f}"} if "eval/accuracy" in record else {}))
+        bar.close()
+        self.logger.close()
+        plot_run(self.run_dir)
+        return TrainResult(self.run_dir, self.eval_before, eval_after, self.step)
+
+
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
+    """Train per `cfg` into `run_dir` (continuing from its latest checkpoint with `resume`)."""
+    return RLVRPipeline(cfg, run_dir, resume=resume).run()

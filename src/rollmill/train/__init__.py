@@ -1,0 +1,15 @@
+"""Policy updates, batches and checkpoints."""
+
+from rollmill.train.batch import TrainBatch, build_batch
+from rollmill.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from rollmill.train.trainer import PolicyTrainer, completion_logprobs
+
+__all__ = [
+    "PolicyTrainer",
+    "TrainBatch",
+    "build_batch",
+    "completion_logprobs",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,148 @@
+"""The policy update: log-probs, the configured loss from `rollmill.algos`, AdamW, micro-batching.
+
+One `step(batch)` = `ppo_epochs` passes over the rollout batch, each split into mini-batches
+(one optimizer step each) and micro-batches (gradient accumulation). Loss denominators are the
+mini-batch totals, so micro-batching changes memory, never the math.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from transformers import PreTrainedModel
+
+from rollmill.algos import POLICY_LOSSES, aggregate_loss, kl_estimate
+from rollmill.config import AlgorithmConfig, TrainConfig
+from rollmill.train.batch import TrainBatch
+
+
+def completion_logprobs(
+    model: PreTrainedModel, batch: TrainBatch, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [B, C] of the completion tokens under `model` (and their entropy, detached).
+
+    Logits are computed for the last C+1 positions only: the prompt's logits are never needed.
+    Temperature matches the one used for sampling, so ratios compare like with like.
+    """
+    c = batch.completion_width
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+        logits_to_keep=c + 1, use_cache=False,
+    ).logits[:, :c].float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp_all = logits.log_softmax(dim=-1)
+    targets = batch.input_ids[:, batch.prompt_width :]
+    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def lr_lambda(cfg: TrainConfig):
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+class PolicyTrainer:
+    """Owns the optimizer and LR schedule of one policy; computes and applies the RL update."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        train_cfg: TrainConfig,
+        algo_cfg: AlgorithmConfig,
+        temperature: float = 1.0,
+        max_new_tokens: int | None = None,
+        ref_model: PreTrainedModel | None = None,
+    ):
+        self.model = model
+        self.cfg = train_cfg
+        self.algo = algo_cfg
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.ref_model = ref_model
+        self.loss_fn = POLICY_LOSSES[algo_cfg.loss]
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=train_cfg.lr, betas=train_cfg.betas, weight_decay=train_cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(train_cfg))
+
+    def _micro_batches(self, batch: TrainBatch):
+        for start in range(0, batch.size, self.cfg.micro_batch_size):
+            yield batch.select(slice(start, start + self.cfg.micro_batch_size))
+
+    @torch.no_grad()
+    def _logprobs_no_grad(self, model: PreTrainedModel, batch: TrainBatch) -> torch.Tensor:
+        return torch.cat([completion_logprobs(model, mb, self.temperature)[0] for mb in self._micro_batches(batch)])
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        """One RL update on a rollout batch; returns scalar metrics averaged over valid tokens."""
+        mini = self.cfg.mini_batch_size or batch.size
+        single_pass = self.cfg.ppo_epochs == 1 and mini >= batch.size
+        # With a single pass the detached current log-probs ARE the recomputed old ones: skip a forward.
+        old_logp = None if single_pass else self._logprobs_no_grad(self.model, batch)
+        ref_logp = self._logprobs_no_grad(self.ref_model, batch) if self.ref_model is not None else None
+        sums: dict[str, float] = defaultdict(float)
+        grad_norms = []
+        self.model.train()
+        for _ in range(self.cfg.ppo_epochs):
+            for start in range(0, batch.size, mini):
+                index = torch.arange(start, min(start + mini, batch.size))
+                grad_norms.append(self._optimizer_step(batch.select(index), index, old_logp, ref_logp, sums))
+        self.model.eval()
+        self.scheduler.step()
+        loss_sum = sums.pop("loss")
+        tokens = max(sums.pop("tokens"), 1.0)
+        metrics = {k: v / tokens for k, v in sums.items()}
+        metrics["loss"] = loss_sum / len(grad_norms)
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def _optimizer_step(self, mini: TrainBatch, index, old_logp, ref_logp, sums) -> float:
+        num_tokens = float(mini.mask.sum())
+        num_seqs = float((mini.mask.sum(-1) > 0).sum())
+        norm_length = self.max_new_tokens or mini.completion_width
+        self.optimizer.zero_grad(set_to_none=True)
+        for start in range(0, mini.size, self.cfg.micro_batch_size):
+            sl = slice(start, start + self.cfg.micro_batch_size)
+            micro = mini.select(sl)
+            logp, entropy = completion_logprobs(self.model, micro, self.temperature, with_entropy=True)
+            old = logp.detach() if old_logp is None else old_logp[index[sl]]
+            out = self.loss_fn(logp, old, micro.advantages[:, None], clip_eps=self.algo.clip_eps)
+            agg = dict(mode=self.algo.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+            loss = aggregate_loss(out.token_loss, micro.mask, **agg)
+            m = micro.mask
+            if ref_logp is not None:
+                kl = kl_estimate(self.algo.kl_estimator, logp, ref_logp[index[sl]])
+                if self.algo.kl_coef > 0:
+                    loss = loss + self.algo.kl_coef * aggregate_loss(kl, m, **agg)
+                sums["kl"] += float((kl.detach() * m).sum())
+            loss.backward()
+            with torch.no_grad():
+                log_ratio = logp.detach() - old
+                sums["loss"] += float(loss.detach())  # micro losses add up to the mini-batch loss
+                sums["entropy"] += float((entropy * m).sum())
+                sums["clip_fraction"] += float((out.clipped.float() * m).sum())
+                sums["approx_kl"] += float(((log_ratio.exp() - 1 - log_ratio) * m).sum())
+                sums["ratio"] += float((out.ratio.detach() * m).sum())
+                sums["tokens"] += float(m.sum())
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        return float(grad_norm)

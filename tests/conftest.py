@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from rollmill.config import config_from_dict
+
+torch.set_num_threads(1)
+
+
+def tiny_config_dict(tmp_path, **sections) -> dict:
+    """A run of a few steps on a tiny random model. The reward (the reply contains a digit) is
+    frequent for a random character-level model, so advantages and gradients are non-zero."""
+    base = {
+        "name": "tiny",
+        "model": {"source": "tiny"},
+        "task": {"source": "arithmetic", "name": "add_1digit", "train_size": 64, "eval_size": 8},
+        "reward": {
+            "functions": [{"name": "format", "kwargs": {"pattern": ".*[0-9].*"}}, {"name": "first_integer"}],
+        },
+        "rollout": {"prompts_per_step": 2, "group_size": 4, "sampling": {"max_new_tokens": 6}},
+        "train": {"steps": 4, "lr": 1e-2, "micro_batch_size": 3},
+        "checkpoint": {"every": 2},
+        "eval": {"every": 2},
+        "log": {"run_root": str(tmp_path / "runs"), "progress": False, "tensorboard": False},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return base
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    def make(**sections):
+        return config_from_dict(tiny_config_dict(tmp_path, **sections))
+
+    return make

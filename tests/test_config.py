@@ -1,0 +1,72 @@
+import subprocess
+import sys
+
+import pytest
+
+from rollmill.config import ConfigError, RunConfig, default_config_path, load_config, parse_override
+
+
+def test_default_config_is_the_main_job():
+    cfg = load_config()
+    assert cfg.model.source == "smollm2"
+    assert cfg.algorithm.name == "grpo"
+    assert default_config_path().is_file()
+
+
+def test_overrides_are_parsed_as_yaml_and_applied():
+    assert parse_override("train.lr=3e-5") == (["train", "lr"], 3e-5)
+    assert parse_override("rollout.sampling.stop=[a, b]") == (["rollout", "sampling", "stop"], ["a", "b"])
+    cfg = load_config(None, ["train.lr=3e-5", "rollout.group_size=4", "task.name=add_1digit"])
+    assert cfg.train.lr == 3e-5 and cfg.rollout.group_size == 4 and cfg.task.name == "add_1digit"
+
+
+def test_misspelled_key_names_the_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.learning_rate=1e-5"])
+    msg = str(err.value)
+    assert "train.learning_rate" in msg and "'lr'" in msg and "'micro_batch_size'" in msg
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.steps=many"])
+    assert "train.steps" in str(err.value) and "'many'" in str(err.value)
+
+
+def test_unknown_algorithm_lists_allowed_names():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["algorithm.name=grpoo"])
+    assert "algorithm.name" in str(err.value) and "'grpo'" in str(err.value)
+
+
+def test_unknown_reward_and_loss_names_are_rejected():
+    with pytest.raises(ConfigError, match="first_integer"):
+        load_config(None, ["reward.functions=[{name: nope}]"])
+    with pytest.raises(ConfigError, match="ppo_clip"):
+        load_config(None, ["algorithm.loss=mystery"])
+
+
+def test_preset_fills_defaults_but_explicit_keys_win():
+    cfg = RunConfig.model_validate({"algorithm": {"name": "dr_grpo"}})
+    assert cfg.algorithm.advantage == "dr_grpo" and cfg.algorithm.loss_agg == "seq-mean-token-sum-norm"
+    cfg = RunConfig.model_validate({"algorithm": {"name": "dr_grpo", "loss_agg": "token-mean"}})
+    assert cfg.algorithm.loss_agg == "token-mean"
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_cli_rejects_bad_config_before_loading_a_model():
+    out = subprocess.run(
+        [sys.executable, "-m", "rollmill.cli", "train", "--set", "train.stepz=3"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 2
+    assert "train.stepz" in out.stderr and "allowed keys" in out.stderr
+    assert "Loading weights" not in out.stderr
