@@ -143,6 +143,7 @@ class AlgorithmConfig(Strict):
     clip_eps: float = Field(0.2, gt=0.0)
     kl_coef: float = Field(0.0, ge=0.0)
     kl_estimator: str = "k3"
+    track_kl: bool = Field(True, description="keep a frozen reference to report KL even when kl_coef is 0")
 
     @model_validator(mode="before")
     @classmethod

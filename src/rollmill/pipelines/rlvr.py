@@ -52,7 +52,7 @@ class RLVRPipeline:
         self.train_examples, self.eval_examples = load_task(cfg.task)  # bad data fails before the model loads
         self.model, self.tokenizer = load_model(cfg.model)
         ref = None
-        if cfg.algorithm.kl_coef > 0:
+        if cfg.algorithm.kl_coef > 0 or cfg.algorithm.track_kl:
             ref = copy.deepcopy(self.model).requires_grad_(False)
         self.engine = HFEngine(self.model, self.tokenizer, batch_size=cfg.rollout.batch_size)
         self.trainer = PolicyTrainer(

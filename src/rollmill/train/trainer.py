@@ -98,6 +98,11 @@ class PolicyTrainer:
         old_logp = None if single_pass else self._logprobs_no_grad(self.model, batch)
         ref_logp = self._logprobs_no_grad(self.ref_model, batch) if self.ref_model is not None else None
         sums: dict[str, float] = defaultdict(float)
+        if old_logp is not None:
+            # train/inference consistency (same weights, trainer vs engine log-probs); x epochs because
+            # every metric is divided by the token count summed over epochs
+            gap = ((old_logp - batch.behaviour_logprobs).abs() * batch.mask).sum()
+            sums["logprob_mismatch"] = float(gap) * self.cfg.ppo_epochs
         grad_norms = []
         self.model.train()
         for _ in range(self.cfg.ppo_epochs):
@@ -141,6 +146,8 @@ class PolicyTrainer:
                 sums["clip_fraction"] += float((out.clipped.float() * m).sum())
                 sums["approx_kl"] += float(((log_ratio.exp() - 1 - log_ratio) * m).sum())
                 sums["ratio"] += float((out.ratio.detach() * m).sum())
+                if old_logp is None:  # single pass: logp is still the pre-update policy
+                    sums["logprob_mismatch"] += float(((logp.detach() - micro.behaviour_logprobs).abs() * m).sum())
                 sums["tokens"] += float(m.sum())
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
