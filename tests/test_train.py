@@ -79,3 +79,21 @@ def test_kl_to_reference_is_reported_and_penalized():
     trainer = PolicyTrainer(model, TrainConfig(lr=1e-2), AlgorithmConfig(kl_coef=0.5), ref_model=ref)
     metrics = trainer.step(random_batch(len(tok)))
     assert metrics["kl"] > 0
+
+
+def test_shared_prompt_prefill_matches_separate_forwards():
+    from rollmill.train.trainer import _completion_logits
+
+    tok = build_char_tokenizer()
+    model = build_tiny_model(len(tok), seed=3)
+    prompts = [[5, 6, 7], [5, 6, 7], [9, 8], [5, 6, 7], [9, 8]]
+    comps = [completion(p, [10 + i, 11, 12 + i][: 1 + i % 3]) for i, p in enumerate(prompts)]
+    batch = build_batch(comps, torch.ones(5), pad_id=2)
+    shared = _completion_logits(model, batch)
+    loss = (shared.log_softmax(-1)[..., 3] * batch.mask).sum()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    separate = torch.cat([_completion_logits(model, batch.select(slice(i, i + 1))) for i in range(5)])
+    assert torch.allclose(shared * batch.mask[..., None], separate * batch.mask[..., None], atol=1e-5)
+    loss2 = (separate.log_softmax(-1)[..., 3] * batch.mask).sum()
+    for g1, g2 in zip(grads, torch.autograd.grad(loss2, list(model.parameters()))):
+        assert torch.allclose(g1, g2, atol=1e-5)

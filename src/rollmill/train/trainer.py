@@ -11,11 +11,49 @@ import math
 from collections import defaultdict
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from rollmill.algos import POLICY_LOSSES, aggregate_loss, kl_estimate
 from rollmill.config import AlgorithmConfig, TrainConfig
 from rollmill.train.batch import TrainBatch
+
+
+def _shared_prompt_index(batch: TrainBatch) -> torch.Tensor:
+    """For each row, the index of the first row with the same prompt (groups are usually adjacent)."""
+    prompts = batch.input_ids[:, : batch.prompt_width]
+    first: dict[tuple, int] = {}
+    return torch.tensor([first.setdefault(tuple(row.tolist()), i) for i, row in enumerate(prompts)])
+
+
+def _completion_logits(model: PreTrainedModel, batch: TrainBatch) -> torch.Tensor:
+    """Logits [B, C, V] predicting each completion token.
+
+    Rows that share a prompt (the G samples of a group) share one prefill: the prompt runs once,
+    its KV cache is indexed out to every row, and the completions run on top of it. Gradients flow
+    back through the shared cache, so this is the same function as G separate forwards at a
+    fraction of the cost when prompts are long next to completions.
+    """
+    p, c = batch.prompt_width, batch.completion_width
+    owner = _shared_prompt_index(batch)
+    unique, row_to_unique = torch.unique(owner, return_inverse=True)
+    if len(unique) == batch.size:
+        return model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+            logits_to_keep=c + 1, use_cache=False,
+        ).logits[:, :c]
+    cache = DynamicCache()
+    first = model(
+        input_ids=batch.input_ids[unique, :p], attention_mask=batch.attention_mask[unique, :p],
+        position_ids=batch.position_ids[unique, :p], past_key_values=cache, use_cache=True, logits_to_keep=1,
+    ).logits[row_to_unique]
+    if c == 1:
+        return first
+    cache.batch_select_indices(row_to_unique)
+    rest = model(
+        input_ids=batch.input_ids[:, p : p + c - 1], attention_mask=batch.attention_mask[:, : p + c - 1],
+        position_ids=batch.position_ids[:, p : p + c - 1], past_key_values=cache, use_cache=True,
+    ).logits
+    return torch.cat([first, rest], dim=1)
 
 
 def completion_logprobs(
@@ -23,14 +61,9 @@ def completion_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [B, C] of the completion tokens under `model` (and their entropy, detached).
 
-    Logits are computed for the last C+1 positions only: the prompt's logits are never needed.
     Temperature matches the one used for sampling, so ratios compare like with like.
     """
-    c = batch.completion_width
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-        logits_to_keep=c + 1, use_cache=False,
-    ).logits[:, :c].float()
+    logits = _completion_logits(model, batch).float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logp_all = logits.log_softmax(dim=-1)
