@@ -64,7 +64,7 @@ def run_config(args, run_root: str):
         "reward": {"functions": [{"name": "first_integer"}]},
         "rollout": {"prompts_per_step": args.prompts, "group_size": args.group,
                     "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0}},
-        "algorithm": {"name": "grpo", "kl_coef": 0.0},
+        "algorithm": {"name": "grpo", "kl_coef": 0.0, "track_kl": False},  # TRL runs no reference at beta 0
         "train": {"lr": 2e-6, "micro_batch_size": args.micro_batch, "threads": THREADS, "seed": SEED},
         "log": {"run_root": run_root, "tensorboard": False, "progress": False, "samples_per_step": 0},
     })
@@ -122,7 +122,6 @@ def trl_config(args, out_dir: str):
 
     # transformers 5 renamed gradient_checkpointing; the old name still works and is the one TRL documents.
     warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
-
     n = args.prompts * args.group
     return GRPOConfig(
         output_dir=out_dir,
@@ -163,8 +162,7 @@ def bench_trl(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         path = model_dir(args, tmp)
         tok = AutoTokenizer.from_pretrained(path)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token  # as rollmill's loader does
+        tok.pad_token = tok.pad_token or tok.eos_token  # as rollmill's loader does
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         timer = StepTimer()
         trainer = GRPOTrainer(model=model, reward_funcs=first_integer_reward, args=trl_config(args, tmp),
@@ -220,8 +218,7 @@ def print_table(rows: dict[str, dict]) -> None:
     print(f"\n{'framework':<10}" + "".join(f"{c:>10}" for c in cols.values()))
     for name, row in rows.items():
         print(f"{name:<10}" + "".join(f"{row.get(c, math.nan):>10.2f}" for c in cols))
-    print("(medians of timed steps; gen = sampling, train = step - gen, update = rollmill's policy update alone,\n"
-          " mean_len = mean completion tokens: it drives both gen and train, and differs by sampling luck)")
+    print("(medians; train = step - gen; update = rollmill's policy update alone; mean_len = mean completion tokens)")
 
 
 def run_only(args) -> int:
@@ -240,6 +237,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.only:
         return run_only(args)
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cores:  # other jobs' threads oversubscribe the cores: step times then swing 10-100x
+        print(f"NOTE: load average is {load:.1f} on {cores} cores before starting; timings will be noisy")
     rows = {"rollmill": run_child("rollmill", args)}
     if importlib.util.find_spec("trl") is None:
         print("NOTE: trl is not installed (pip install -e '.[dev,bench]'); timing rollmill only")

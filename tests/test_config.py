@@ -70,3 +70,9 @@ def test_cli_rejects_bad_config_before_loading_a_model():
     assert out.returncode == 2
     assert "train.stepz" in out.stderr and "allowed keys" in out.stderr
     assert "Loading weights" not in out.stderr
+
+
+def test_reward_kwargs_are_checked_against_the_function():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["reward.functions=[{name: format, kwargs: {patern: x}}]"])
+    assert "patern" in str(err.value) and "pattern" in str(err.value)

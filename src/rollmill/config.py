@@ -95,6 +95,18 @@ class RewardFn(Strict):
             raise ValueError(f"unknown reward function {name!r}; allowed: {sorted(REWARDS)}")
         return name
 
+    @model_validator(mode="after")
+    def _kwargs_fit(self) -> "RewardFn":
+        import inspect
+
+        from rollmill.rewards import REWARDS
+
+        params = list(inspect.signature(REWARDS[self.name]).parameters)[2:]  # after (completion, example)
+        unknown = sorted(set(self.kwargs) - set(params))
+        if unknown:
+            raise ValueError(f"reward {self.name!r} takes no argument {unknown}; allowed: {params}")
+        return self
+
 
 class RewardConfig(Strict):
     """Rewards are a weighted sum of plain functions; `correct` names the one that defines accuracy."""
