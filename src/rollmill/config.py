@@ -14,7 +14,7 @@ from typing import Any, Literal
 import re
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -113,6 +113,7 @@ class RewardConfig(Strict):
 
     functions: list[RewardFn] = Field(default_factory=lambda: [RewardFn(name="first_integer")])
     correct: str | None = None
+    max_all_failed_steps: int = Field(3, gt=0, description="stop after this many steps where every sample's reward failed")
 
     @model_validator(mode="after")
     def _correct_is_listed(self) -> "RewardConfig":
@@ -167,50 +168,26 @@ class AlgorithmConfig(Strict):
             return {**ALGORITHMS[data.get("name", "grpo")], **data}
         return data
 
-    @field_validator("name")
+    @field_validator("name", "advantage", "loss", "loss_agg", "kl_estimator")
     @classmethod
-    def _known_algo(cls, v: str) -> str:
-        from rollmill.algos import ALGORITHMS
+    def _registered(cls, value: str, info: ValidationInfo) -> str:
+        import rollmill.algos as algos
 
-        if v not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {v!r}; allowed: {sorted(ALGORITHMS)}")
-        return v
+        registry, what = _ALGO_REGISTRIES[info.field_name]
+        allowed = getattr(algos, registry)
+        if value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}; allowed: {sorted(allowed)}")
+        return value
 
-    @field_validator("advantage")
-    @classmethod
-    def _known_adv(cls, v: str) -> str:
-        from rollmill.algos import ADVANTAGES
 
-        if v not in ADVANTAGES:
-            raise ValueError(f"unknown advantage estimator {v!r}; allowed: {sorted(ADVANTAGES)}")
-        return v
-
-    @field_validator("loss")
-    @classmethod
-    def _known_loss(cls, v: str) -> str:
-        from rollmill.algos import POLICY_LOSSES
-
-        if v not in POLICY_LOSSES:
-            raise ValueError(f"unknown policy loss {v!r}; allowed: {sorted(POLICY_LOSSES)}")
-        return v
-
-    @field_validator("loss_agg")
-    @classmethod
-    def _known_agg(cls, v: str) -> str:
-        from rollmill.algos import LOSS_AGGREGATIONS
-
-        if v not in LOSS_AGGREGATIONS:
-            raise ValueError(f"unknown loss aggregation {v!r}; allowed: {list(LOSS_AGGREGATIONS)}")
-        return v
-
-    @field_validator("kl_estimator")
-    @classmethod
-    def _known_kl(cls, v: str) -> str:
-        from rollmill.algos import KL_ESTIMATORS
-
-        if v not in KL_ESTIMATORS:
-            raise ValueError(f"unknown KL estimator {v!r}; allowed: {sorted(KL_ESTIMATORS)}")
-        return v
+# algorithm field -> (registry in rollmill.algos, what to call it in errors)
+_ALGO_REGISTRIES = {
+    "name": ("ALGORITHMS", "algorithm"),
+    "advantage": ("ADVANTAGES", "advantage estimator"),
+    "loss": ("POLICY_LOSSES", "policy loss"),
+    "loss_agg": ("LOSS_AGGREGATIONS", "loss aggregation"),
+    "kl_estimator": ("KL_ESTIMATORS", "KL estimator"),
+}
 
 
 class TrainConfig(Strict):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,12 @@ log = logging.getLogger(__name__)
 
 # Timings and throughput vary run to run; everything else in a record is a function of the seed.
 NONDETERMINISTIC_PREFIXES = ("time/", "throughput/")
+
+
+def _spread(total: int, count: int) -> list[int]:
+    """`count` indices spread evenly over `total`, so dumped samples cover several groups."""
+    count = min(count, total)
+    return [i * total // count for i in range(count)] if count else []
 
 
 @dataclass
@@ -62,6 +70,8 @@ class RLVRPipeline:
         self.cursor = PromptCursor(self.train_examples, seed=cfg.task.seed + cfg.train.seed)
         self.step = 0
         self.eval_before: dict | None = None
+        self._all_failed_streak = 0
+        self._last_reward_error = ""
         run_dir.mkdir(parents=True, exist_ok=True)
         resume_step = self._resume() if resume else None
         dump_config(cfg, run_dir / "config.yaml")
@@ -106,6 +116,8 @@ class RLVRPipeline:
         self.engine.update_weights(self.model.state_dict(), self.step)
         for line in rewards.errors[:3]:
             log.warning("step %d: reward failed: %s", self.step, line)
+        if rewards.errors:
+            self._last_reward_error = rewards.errors[0]
         lengths = [len(c.token_ids) for c in completions]
         record = {
             "step": self.step,
@@ -125,14 +137,15 @@ class RLVRPipeline:
         samples = [
             {"prompt": repeated[i].prompt, "answer": repeated[i].answer, "completion": completions[i].text,
              "reward": rewards.total[i], "correct": rewards.correct[i], "finish_reason": completions[i].finish_reason}
-            for i in range(min(cfg.log.samples_per_step, len(completions)))
+            for i in _spread(len(completions), cfg.log.samples_per_step)
         ]
         self.logger.log_samples(self.step, samples)
         return record
 
     def _checkpoint(self) -> None:
         state = {"cursor": self.cursor.state(), "version": self.engine.version, "eval_before": self.eval_before}
-        save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.trainer, state, self.cfg.checkpoint.keep)
+        path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.trainer, state, self.cfg.checkpoint.keep)
+        log.info("step %d: checkpoint saved to %s", self.step, path)
 
     def run(self) -> TrainResult:
         cfg = self.cfg
@@ -141,22 +154,59 @@ class RLVRPipeline:
             log.info("held-out accuracy before training: %.3f", self.eval_before["eval/accuracy"])
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", disable=not cfg.log.progress, dynamic_ncols=True)
         eval_after = None
-        while self.step < cfg.train.steps:
-            record = self.rollout_and_train()
-            last = self.step == cfg.train.steps
-            if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
-                eval_after = evaluate(self.engine, self.tokenizer, self.eval_examples, cfg, seed=step_seed(cfg.train.seed, -1))
-                record.update(eval_after)
-            self.logger.log_metrics(record)
-            if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
-                self._checkpoint()
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward/mean']:.3f}", loss=f"{record['loss']:.4f}", **(
-                {"eval": f"{record['eval/accuracy']:.3f}"} if "eval/accuracy" in record else {}))
+        with _StopOnInterrupt() as interrupt:
+            while self.step < cfg.train.steps and not interrupt.requested:
+                record = self.rollout_and_train()
+                self._check_reward_failures(record)
+                last = self.step == cfg.train.steps
+                if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
+                    eval_after = evaluate(self.engine, self.tokenizer, self.eval_examples, cfg, seed=step_seed(cfg.train.seed, -1))
+                    record.update(eval_after)
+                    log.info("step %d: held-out accuracy %.3f", self.step, eval_after["eval/accuracy"])
+                self.logger.log_metrics(record)
+                if last or interrupt.requested or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                    self._checkpoint()
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward/mean']:.3f}", loss=f"{record['loss']:.4f}", **(
+                    {"eval": f"{record['eval/accuracy']:.3f}"} if "eval/accuracy" in record else {}))
         bar.close()
         self.logger.close()
         plot_run(self.run_dir)
+        if interrupt.requested:
+            log.info("interrupted: stopped after step %d with a checkpoint; continue with --resume", self.step)
         return TrainResult(self.run_dir, self.eval_before, eval_after, self.step)
+
+    def _check_reward_failures(self, record: dict) -> None:
+        """Stop when the reward fails on every sample for several steps: that is a bug, not bad luck."""
+        total = self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
+        self._all_failed_streak = self._all_failed_streak + 1 if record["reward/failed"] == total else 0
+        if self._all_failed_streak >= self.cfg.reward.max_all_failed_steps:
+            raise RuntimeError(
+                f"the reward failed on every sample for {self._all_failed_streak} steps in a row "
+                f"(last error: {self._last_reward_error}); see the log and fix reward.functions"
+            )
+
+
+class _StopOnInterrupt:
+    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop now)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:

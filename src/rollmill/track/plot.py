@@ -24,7 +24,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
             ax_r.plot(*zip(*pts), style, label=key)
     ax_r.set(title="training batch", xlabel="step", ylim=(-0.05, 1.05))
     ax_r.legend(loc="lower right")
-    for key in sorted({k for r in records for k in r if k.startswith("eval/")}):
+    for key in sorted({k for r in records for k in r if k == "eval/accuracy" or k.startswith("eval/pass@")}):
         pts = [(r["step"], r[key]) for r in records if key in r]
         ax_a.plot(*zip(*pts), "o-", label=key)
     ax_a.set(title="held-out eval", xlabel="step", ylim=(-0.05, 1.05))
