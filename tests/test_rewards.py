@@ -175,11 +175,9 @@ def test_raising_reward_fails_only_its_sample(monkeypatch):
     assert result.errors == ["boom: RuntimeError: cannot judge this one"]
 
 
-def test_bad_kwargs_fail_every_sample_without_raising():
-    result = compute_rewards(["1", "2"], [ex("1"), ex("2")], cfg(("exact_match", 1.0, {"nope": True})))
-    assert result.failed == [True, True]
-    assert result.total == [0.0, 0.0]
-    assert len(result.errors) == 2 and result.errors[0].startswith("exact_match: TypeError: ")
+def test_bad_kwargs_are_rejected_when_the_config_loads():
+    with pytest.raises(ValueError, match=r"takes no argument \['nope'\]; allowed: \['ignore_case'\]"):
+        cfg(("exact_match", 1.0, {"nope": True}))
 
 
 def test_length_mismatch_is_a_caller_error():
