@@ -157,6 +157,18 @@ class AlgorithmConfig(Strict):
     kl_coef: float = Field(0.0, ge=0.0)
     kl_estimator: str = "k3"
     track_kl: bool = Field(True, description="keep a frozen reference to report KL even when kl_coef is 0")
+    # Policy-loss parameters: each is named exactly like the keyword of the losses that take it.
+    clip_eps_high: float | None = Field(None, gt=0.0, description="clip-higher upper epsilon (DAPO 0.28); None = clip_eps")
+    dual_clip_c: float | None = Field(None, gt=1.0, description="dual-clip bound for A<0 (paper 3.0, ROLL 1+2*clip_eps); None = off")
+    gspo_eps_low: float = Field(3e-4, gt=0.0, lt=1.0, description="GSPO sequence-ratio clip, lower")
+    gspo_eps_high: float = Field(4e-4, gt=0.0, description="GSPO sequence-ratio clip, upper")
+    topr_ratio_level: Literal["seq", "token"] = Field("seq", description="TOPR taper ratio: per sequence (paper) or token (ROLL)")
+    topr_positive_weight: float = Field(1.0, ge=0.0, description="TOPR weight of samples with A > 0")
+    topr_negative_weight: float = Field(1.0, ge=0.0, description="TOPR weight of samples with A <= 0")
+    cispo_eps_low: float = Field(0.1, ge=0.0, le=1.0, description="CISPO IS-weight clip, lower; 1.0 = no lower bound")
+    cispo_eps_high: float = Field(0.1, ge=0.0, description="CISPO IS-weight clip, upper")
+    cispo_unified_mask: bool = Field(False, description="CISPO: drop tokens PPO's clip would zero (ROLL)")
+    is_weight_cap: float = Field(1.2, gt=0.0, description="decoupled_ppo: cap C on exp(old_logp - behaviour_logp)")
 
     @model_validator(mode="before")
     @classmethod
@@ -179,6 +191,26 @@ class AlgorithmConfig(Strict):
             raise ValueError(f"unknown {what} {value!r}; allowed: {sorted(allowed)}")
         return value
 
+    @model_validator(mode="after")
+    def _params_fit_loss(self) -> "AlgorithmConfig":
+        """A loss parameter changed from its default but not taken by the selected loss is an error."""
+        from rollmill.algos.losses import POLICY_LOSSES, loss_param_names
+
+        used = set(loss_param_names(POLICY_LOSSES[self.loss]))
+        every = {name for fn in POLICY_LOSSES.values() for name in loss_param_names(fn)} & set(type(self).model_fields)
+        ignored = sorted(n for n in every - used if getattr(self, n) != type(self).model_fields[n].default)
+        if ignored:
+            raise ValueError(f"loss {self.loss!r} does not use {ignored}; it takes {sorted(used)}")
+        return self
+
+    def loss_params(self, **inputs: Any) -> dict[str, Any]:
+        """Keyword arguments for the selected loss: each of its parameters from `inputs` (per-batch
+        tensors the trainer holds, e.g. behaviour_logp) or else from the field of the same name."""
+        from rollmill.algos.losses import POLICY_LOSSES, loss_param_names
+
+        names = loss_param_names(POLICY_LOSSES[self.loss])
+        return {n: inputs[n] if n in inputs else getattr(self, n) for n in names}
+
 
 # algorithm field -> (registry in rollmill.algos, what to call it in errors)
 _ALGO_REGISTRIES = {
@@ -188,6 +220,17 @@ _ALGO_REGISTRIES = {
     "loss_agg": ("LOSS_AGGREGATIONS", "loss aggregation"),
     "kl_estimator": ("KL_ESTIMATORS", "KL estimator"),
 }
+
+
+class FilterConfig(Strict):
+    """Which samples reach the loss (ALGORITHMS.md §2.13-2.14); everything off by default."""
+
+    dynamic_sampling: bool = Field(False, description="drop groups with zero reward std and refill with new prompts")
+    max_refill_rounds: int = Field(4, ge=0, description="extra generation rounds per step before training on what there is")
+    difficulty_low: float | None = Field(None, description="zero the loss of groups whose mean score <= this")
+    difficulty_high: float | None = Field(None, description="zero the loss of groups whose mean score >= this")
+    overlong_filter: bool = Field(False, description="zero the loss of completions cut at max_new_tokens")
+    overlong_cache: int | None = Field(None, gt=0, description="DAPO soft punishment over the last N tokens before max_new_tokens")
 
 
 class TrainConfig(Strict):
@@ -238,6 +281,7 @@ class RunConfig(Strict):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     rollout: RolloutConfig = RolloutConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
+    filters: FilterConfig = FilterConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()

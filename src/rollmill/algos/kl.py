@@ -36,3 +36,40 @@ def kl_estimate(name: str, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.
     if name not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {name!r}; allowed: {sorted(KL_ESTIMATORS)}")
     return KL_ESTIMATORS[name](logp, ref_logp)
+
+
+class AdaptiveKLController:
+    """Reward-side KL coefficient beta (Ziegler et al.; ROLL's AdaptiveKLController, §1.2).
+
+    `update` moves beta toward the KL target: e = clip(KL/target - 1, -0.2, 0.2) and
+    beta <- beta * (1 + e * n_steps / horizon); the clip bounds how fast beta can move on one noisy
+    batch. With `target=None` beta stays at `init_coef`.
+    """
+
+    def __init__(self, init_coef: float = 0.2, target: float | None = None, horizon: float = 10000) -> None:
+        if target is not None and target <= 0:
+            raise ValueError(f"KL target must be positive, got {target}")
+        if horizon <= 0:
+            raise ValueError(f"KL horizon must be positive, got {horizon}")
+        self.value = float(init_coef)
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Adapt beta after a batch of `n_steps` samples whose KL was `current_kl`.
+
+        `current_kl` is the batch mean of each sequence's masked-mean KL, i.e.
+        `aggregate_loss(kl, mask, "seq-mean-token-mean")`.
+        """
+        if self.target is None:
+            return
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        """The current beta; target and horizon come from the config."""
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore beta written by `state_dict`."""
+        self.value = float(state["value"])

@@ -20,9 +20,9 @@ from tqdm import tqdm
 from rollmill.algos import ADVANTAGES
 from rollmill.config import RunConfig, dump_config
 from rollmill.models import load_model
-from rollmill.pipelines.common import PromptCursor, encode_prompt, sampling_params, seed_everything, step_seed
+from rollmill.pipelines.common import PromptCursor, seed_everything, step_seed
 from rollmill.pipelines.evaluate import evaluate
-from rollmill.rewards import compute_rewards
+from rollmill.pipelines.groups import Groups, collect_groups
 from rollmill.rollout import HFEngine
 from rollmill.tasks import load_task
 from rollmill.track import RunLogger, plot_run
@@ -32,6 +32,33 @@ log = logging.getLogger(__name__)
 
 # Timings and throughput vary run to run; everything else in a record is a function of the seed.
 NONDETERMINISTIC_PREFIXES = ("time/", "throughput/")
+
+
+def _rollout_metrics(groups: Groups) -> dict[str, float]:
+    """What the policy did this step, over every sampled group (filtered ones included)."""
+    scores, comps = groups.scores, groups.completions
+    lengths = [len(c.token_ids) for c in comps]
+    return {
+        "rollout/samples": len(comps),
+        "reward/mean": float(scores.mean()),
+        "reward/std": float(scores.std()) if scores.numel() > 1 else 0.0,
+        "reward/failed": float(sum(groups.failed)),
+        "accuracy/train": sum(groups.correct) / len(comps),
+        "groups/zero_std_fraction": float((scores.std(dim=1) == 0).float().mean()) if scores.shape[1] > 1 else 1.0,
+        "response_length/mean": sum(lengths) / len(lengths),
+        "response_length/clipped_fraction": sum(c.finish_reason == "length" for c in comps) / len(comps),
+    }
+
+
+def _sample_dump(groups: Groups, count: int) -> list[dict]:
+    """Readable samples spread over the groups: prompt, answer, completion, reward."""
+    g = groups.group_size
+    return [
+        {"prompt": groups.examples[i // g].prompt, "answer": groups.examples[i // g].answer,
+         "completion": groups.completions[i].text, "reward": groups.rewards[i], "correct": groups.correct[i],
+         "finish_reason": groups.completions[i].finish_reason}
+        for i in _spread(len(groups.completions), count)
+    ]
 
 
 def _spread(total: int, count: int) -> list[int]:
@@ -96,50 +123,35 @@ class RLVRPipeline:
         return metrics
 
     def rollout_and_train(self) -> dict:
-        """One RL step: sample, score, compute advantages, update, sync weights."""
+        """One RL step: sample and score groups, filter, compute advantages, update, sync weights."""
         cfg = self.cfg
-        examples = self.cursor.take(cfg.rollout.prompts_per_step)
-        prompts = [encode_prompt(self.tokenizer, ex, cfg.task) for ex in examples]
         t0 = time.perf_counter()
-        sp = sampling_params(cfg.rollout.sampling, n=cfg.rollout.group_size)
-        completions = self.engine.generate(prompts, sp, seed=step_seed(cfg.train.seed, self.step))
+        sampled, kept, rounds = collect_groups(self.engine, self.tokenizer, self.cursor, cfg, step_seed(cfg.train.seed, self.step))
         t_rollout = time.perf_counter() - t0
-        repeated = [examples[c.prompt_index] for c in completions]
-        rewards = compute_rewards([c.text for c in completions], repeated, cfg.reward)
-        scores = torch.tensor(rewards.total).view(len(examples), cfg.rollout.group_size)
-        advantages = ADVANTAGES[cfg.algorithm.advantage](scores).flatten()
-        batch = build_batch(completions, advantages, self.tokenizer.pad_token_id)
-        t1 = time.perf_counter()
-        train_metrics = self.trainer.step(batch)
-        t_train = time.perf_counter() - t1
+        train_metrics: dict[str, float] = {}
+        if kept.examples:
+            advantages = ADVANTAGES[cfg.algorithm.advantage](kept.scores).flatten()
+            batch = build_batch(kept.completions, advantages, self.tokenizer.pad_token_id)
+            batch.mask *= kept.loss_weights(cfg)[:, None]
+            train_metrics = self.trainer.step(batch)
+        else:
+            log.warning("step %d: no informative group after %d refills; no update this step", self.step + 1, rounds)
+        t_train = time.perf_counter() - t0 - t_rollout
         self.step += 1
         self.engine.update_weights(self.model.state_dict(), self.step)
-        for line in rewards.errors[:3]:
+        for line in sampled.errors[:3]:
             log.warning("step %d: reward failed: %s", self.step, line)
-        if rewards.errors:
-            self._last_reward_error = rewards.errors[0]
-        lengths = [len(c.token_ids) for c in completions]
-        record = {
-            "step": self.step,
-            "reward/mean": float(scores.mean()),
-            "reward/std": float(scores.std()) if scores.numel() > 1 else 0.0,
-            "reward/failed": float(sum(rewards.failed)),
-            "accuracy/train": sum(rewards.correct) / len(completions),
-            "groups/zero_std_fraction": float((scores.std(dim=1) == 0).float().mean()) if scores.shape[1] > 1 else 1.0,
-            "response_length/mean": sum(lengths) / len(lengths),
-            "response_length/clipped_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
-            **train_metrics,
-            "time/rollout_s": t_rollout,
-            "time/train_s": t_train,
-            "throughput/tokens_per_s": sum(lengths) / (t_rollout + t_train),
-            "throughput/rollout_tokens_per_s": sum(lengths) / t_rollout,
-        }
-        samples = [
-            {"prompt": repeated[i].prompt, "answer": repeated[i].answer, "completion": completions[i].text,
-             "reward": rewards.total[i], "correct": rewards.correct[i], "finish_reason": completions[i].finish_reason}
-            for i in _spread(len(completions), cfg.log.samples_per_step)
-        ]
-        self.logger.log_samples(self.step, samples)
+        if sampled.errors:
+            self._last_reward_error = sampled.errors[0]
+        record = {"step": self.step, **_rollout_metrics(sampled), **train_metrics}
+        if cfg.filters.dynamic_sampling:
+            record.update({"filter/kept_groups": len(kept.examples), "filter/sampled_groups": len(sampled.examples),
+                           "filter/refill_rounds": rounds})
+        tokens = sum(len(c.token_ids) for c in sampled.completions)
+        record.update({"time/rollout_s": t_rollout, "time/train_s": t_train,
+                       "throughput/tokens_per_s": tokens / (t_rollout + t_train),
+                       "throughput/rollout_tokens_per_s": tokens / t_rollout})
+        self.logger.log_samples(self.step, _sample_dump(sampled, cfg.log.samples_per_step))
         return record
 
     def _checkpoint(self) -> None:
@@ -167,7 +179,7 @@ class RLVRPipeline:
                 if last or interrupt.requested or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     self._checkpoint()
                 bar.update(1)
-                bar.set_postfix(reward=f"{record['reward/mean']:.3f}", loss=f"{record['loss']:.4f}", **(
+                bar.set_postfix(reward=f"{record['reward/mean']:.3f}", loss=f"{record.get('loss', 0.0):.4f}", **(
                     {"eval": f"{record['eval/accuracy']:.3f}"} if "eval/accuracy" in record else {}))
         bar.close()
         self.logger.close()
@@ -178,8 +190,8 @@ class RLVRPipeline:
 
     def _check_reward_failures(self, record: dict) -> None:
         """Stop when the reward fails on every sample for several steps: that is a bug, not bad luck."""
-        total = self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
-        self._all_failed_streak = self._all_failed_streak + 1 if record["reward/failed"] == total else 0
+        all_failed = record["reward/failed"] == record["rollout/samples"]
+        self._all_failed_streak = self._all_failed_streak + 1 if all_failed else 0
         if self._all_failed_streak >= self.cfg.reward.max_all_failed_steps:
             raise RuntimeError(
                 f"the reward failed on every sample for {self._all_failed_streak} steps in a row "
