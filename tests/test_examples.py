@@ -5,7 +5,7 @@ import pytest
 from rollmill.config import load_config
 from rollmill.tasks import load_task
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").rglob("*.yaml"))
 
 
 def test_there_are_examples():

@@ -1,4 +1,4 @@
-"""`rollmill train | eval | plot`: the command line over the pipelines."""
+"""`rollmill train | eval | algos | plot`: the command line over the pipelines."""
 
 from __future__ import annotations
 
@@ -73,6 +73,38 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _first_line(obj) -> str:
+    """The first sentence of a docstring, on one line."""
+    paragraph = " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())
+    return paragraph.split(". ")[0].rstrip(".")
+
+
+def cmd_algos(args) -> int:
+    import rollmill.algos as algos
+
+    sections = [
+        ("presets (algorithm.name)", {k: p.description for k, p in algos.ALGORITHMS.items()}),
+        ("advantage estimators (algorithm.advantage)", {k: _first_line(f) for k, f in algos.ADVANTAGES.items()}),
+        ("policy losses (algorithm.loss)", {k: _first_line(f) for k, f in algos.POLICY_LOSSES.items()}),
+        ("KL estimators (algorithm.kl_estimator)", {k: _first_line(f) for k, f in algos.KL_ESTIMATORS.items()}),
+        ("loss aggregations (algorithm.loss_agg)", {k: _AGG_HELP[k] for k in algos.LOSS_AGGREGATIONS}),
+    ]
+    for title, entries in sections:
+        print(title)
+        for name, text in entries.items():
+            print(f"  {name:<24} {text}")
+        print()
+    return 0
+
+
+_AGG_HELP = {
+    "token-mean": "every valid token weighs the same (DAPO, Lite PPO)",
+    "seq-mean-token-sum": "sum over a sequence's tokens, mean over sequences",
+    "seq-mean-token-mean": "mean over a sequence's tokens, then over sequences (original GRPO)",
+    "seq-mean-token-sum-norm": "sum over tokens divided by a constant length (Dr.GRPO)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rollmill", description="RL post-training for LLMs and agents.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="samples per prompt (pass@k for k <= n)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("algos", help="list presets, advantage estimators, losses, KL estimators")
+    p.set_defaults(func=cmd_algos)
 
     p = sub.add_parser("plot", help="write RUN_DIR/curves.png")
     p.add_argument("run_dir")

@@ -177,7 +177,7 @@ class AlgorithmConfig(Strict):
         from rollmill.algos import ALGORITHMS
 
         if isinstance(data, dict) and data.get("name", "grpo") in ALGORITHMS:
-            return {**ALGORITHMS[data.get("name", "grpo")], **data}
+            return {**ALGORITHMS[data.get("name", "grpo")].settings, **data}
         return data
 
     @field_validator("name", "advantage", "loss", "loss_agg", "kl_estimator")

@@ -8,12 +8,7 @@ from rollmill.algos.advantages import ADVANTAGES, group_normalized_advantages
 from rollmill.algos.aggregation import LOSS_AGGREGATIONS, aggregate_loss
 from rollmill.algos.kl import KL_ESTIMATORS, kl_estimate
 from rollmill.algos.losses import POLICY_LOSSES, PolicyLossOutput, ppo_clip_loss
-
-# A preset fills the algorithm section's defaults for a named recipe.
-ALGORITHMS: dict[str, dict] = {
-    "grpo": {"advantage": "grpo", "loss": "ppo_clip", "loss_agg": "token-mean"},
-    "dr_grpo": {"advantage": "dr_grpo", "loss": "ppo_clip", "loss_agg": "seq-mean-token-sum-norm"},
-}
+from rollmill.algos.presets import ALGORITHMS, Preset
 
 __all__ = [
     "ADVANTAGES",
@@ -22,6 +17,7 @@ __all__ = [
     "LOSS_AGGREGATIONS",
     "POLICY_LOSSES",
     "PolicyLossOutput",
+    "Preset",
     "aggregate_loss",
     "group_normalized_advantages",
     "kl_estimate",
