@@ -157,6 +157,13 @@ class AlgorithmConfig(Strict):
     kl_coef: float = Field(0.0, ge=0.0)
     kl_estimator: str = "k3"
     track_kl: bool = Field(True, description="keep a frozen reference to report KL even when kl_coef is 0")
+    # Critic (advantage "gae", the `ppo` preset): ALGORITHMS.md §2.1, ROLL's defaults.
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="GAE discount")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda")
+    value_clip: float | None = Field(None, gt=0.0, description="clip new values to old +- this in the value loss; None = off")
+    critic_lr: float = Field(1e-5, gt=0.0, description="learning rate of the value model")
+    whiten_advantages: bool = Field(True, description="GAE only: whiten token advantages over the batch")
+    advantage_clip: float | None = Field(2.0, gt=0.0, description="GAE only: clamp advantages to +- this; None = off")
     # Policy-loss parameters: each is named exactly like the keyword of the losses that take it.
     clip_eps_high: float | None = Field(None, gt=0.0, description="clip-higher upper epsilon (DAPO 0.28); None = clip_eps")
     dual_clip_c: float | None = Field(None, gt=1.0, description="dual-clip bound for A<0 (paper 3.0, ROLL 1+2*clip_eps); None = off")
@@ -215,7 +222,7 @@ class AlgorithmConfig(Strict):
 # algorithm field -> (registry in rollmill.algos, what to call it in errors)
 _ALGO_REGISTRIES = {
     "name": ("ALGORITHMS", "algorithm"),
-    "advantage": ("ADVANTAGES", "advantage estimator"),
+    "advantage": ("ADVANTAGE_NAMES", "advantage estimator"),
     "loss": ("POLICY_LOSSES", "policy loss"),
     "loss_agg": ("LOSS_AGGREGATIONS", "loss aggregation"),
     "kl_estimator": ("KL_ESTIMATORS", "KL estimator"),

@@ -10,8 +10,14 @@ from rollmill.algos.kl import KL_ESTIMATORS, kl_estimate
 from rollmill.algos.losses import POLICY_LOSSES, PolicyLossOutput, ppo_clip_loss
 from rollmill.algos.presets import ALGORITHMS, Preset
 
+# Estimators over token values need a critic, so they live outside the scalar ADVANTAGES registry.
+CRITIC_ADVANTAGES = ("gae",)
+ADVANTAGE_NAMES = (*ADVANTAGES, *CRITIC_ADVANTAGES)
+
 __all__ = [
     "ADVANTAGES",
+    "ADVANTAGE_NAMES",
+    "CRITIC_ADVANTAGES",
     "ALGORITHMS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",

@@ -57,6 +57,10 @@ ALGORITHMS: dict[str, Preset] = {
         "RAFT++: train only on positive-advantage samples with a clipped ratio",
         {"advantage": "grpo", "loss": "raft_pp", "loss_agg": "token-mean"},
     ),
+    "ppo": Preset(
+        "PPO with a critic: GAE token advantages (gamma 1, lambda 0.95), whitened and clipped at 2, PPO clip",
+        {"advantage": "gae", "loss": "ppo_clip", "loss_agg": "seq-mean-token-mean"},
+    ),
     "cispo": Preset(
         "CISPO: clipped, detached importance weight times log-prob (no token dropped)",
         {"advantage": "grpo", "loss": "cispo", "loss_agg": "token-mean"},

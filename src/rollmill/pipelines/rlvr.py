@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rollmill.algos import ADVANTAGES
+from rollmill.algos import ADVANTAGES, CRITIC_ADVANTAGES
 from rollmill.config import RunConfig, dump_config
 from rollmill.models import load_model
 from rollmill.pipelines.common import PromptCursor, seed_everything, step_seed
@@ -27,6 +27,7 @@ from rollmill.rollout import HFEngine
 from rollmill.tasks import load_task
 from rollmill.track import RunLogger, plot_run
 from rollmill.train import PolicyTrainer, build_batch, list_checkpoints, load_checkpoint, save_checkpoint
+from rollmill.train.critic import CriticTrainer
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class RLVRPipeline:
             self.model, cfg.train, cfg.algorithm, temperature=cfg.rollout.sampling.temperature,
             max_new_tokens=cfg.rollout.sampling.max_new_tokens, ref_model=ref,
         )
+        needs_critic = cfg.algorithm.advantage in CRITIC_ADVANTAGES
+        self.critic = CriticTrainer(self.model, cfg.train, cfg.algorithm) if needs_critic else None
         self.cursor = PromptCursor(self.train_examples, seed=cfg.task.seed + cfg.train.seed)
         self.step = 0
         self.eval_before: dict | None = None
@@ -109,7 +112,7 @@ class RLVRPipeline:
         if not ckpts:
             log.info("no checkpoint in %s: starting from step 0", self.run_dir)
             return 0
-        state = load_checkpoint(ckpts[-1], self.model, self.trainer)
+        state = load_checkpoint(ckpts[-1], self.model, self.trainer, self.critic)
         self.step = state["step"]
         self.cursor = PromptCursor(self.train_examples, self.cursor.seed, **state["cursor"])
         self.engine.update_weights(self.model.state_dict(), state["version"])
@@ -130,10 +133,7 @@ class RLVRPipeline:
         t_rollout = time.perf_counter() - t0
         train_metrics: dict[str, float] = {}
         if kept.examples:
-            advantages = ADVANTAGES[cfg.algorithm.advantage](kept.scores).flatten()
-            batch = build_batch(kept.completions, advantages, self.tokenizer.pad_token_id)
-            batch.mask *= kept.loss_weights(cfg)[:, None]
-            train_metrics = self.trainer.step(batch)
+            train_metrics = self._update(kept)
         else:
             log.warning("step %d: no informative group after %d refills; no update this step", self.step + 1, rounds)
         t_train = time.perf_counter() - t0 - t_rollout
@@ -154,9 +154,21 @@ class RLVRPipeline:
         self.logger.log_samples(self.step, _sample_dump(sampled, cfg.log.samples_per_step))
         return record
 
+    def _update(self, kept: Groups) -> dict[str, float]:
+        """Advantages (scalar estimator, or GAE over the critic's values) and the policy/critic update."""
+        name = self.cfg.algorithm.advantage
+        scalar = self.critic is None
+        advantages = ADVANTAGES[name](kept.scores).flatten() if scalar else torch.zeros(len(kept.completions))
+        batch = build_batch(kept.completions, advantages, self.tokenizer.pad_token_id)
+        batch.mask *= kept.loss_weights(self.cfg)[:, None]
+        if scalar:
+            return self.trainer.step(batch)
+        batch.advantages, returns, old_values = self.critic.advantages(batch, kept.scores.flatten())
+        return {**self.trainer.step(batch), **self.critic.step(batch, old_values, returns)}
+
     def _checkpoint(self) -> None:
         state = {"cursor": self.cursor.state(), "version": self.engine.version, "eval_before": self.eval_before}
-        path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.trainer, state, self.cfg.checkpoint.keep)
+        path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.trainer, state, self.cfg.checkpoint.keep, self.critic)
         log.info("step %d: checkpoint saved to %s", self.step, path)
 
     def run(self) -> TrainResult:

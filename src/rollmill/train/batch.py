@@ -22,7 +22,7 @@ class TrainBatch:
     position_ids: torch.Tensor  # [B, P + C]
     mask: torch.Tensor  # [B, C] float
     behaviour_logprobs: torch.Tensor  # [B, C]
-    advantages: torch.Tensor  # [B]
+    advantages: torch.Tensor  # [B] per sequence, or [B, C] per token (critic-based estimators)
     prompt_width: int
 
     @property
@@ -32,6 +32,11 @@ class TrainBatch:
     @property
     def completion_width(self) -> int:
         return self.mask.shape[1]
+
+    @property
+    def token_advantages(self) -> torch.Tensor:
+        """Advantages shaped to broadcast against [B, C]."""
+        return self.advantages if self.advantages.dim() == 2 else self.advantages[:, None]
 
     def select(self, index: torch.Tensor | slice) -> "TrainBatch":
         return TrainBatch(

@@ -28,18 +28,19 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, trainer, loop_state: dict, keep: int) -> Path:
-    """Write checkpoint `step` under `ckpt_root` and prune all but the newest `keep`."""
+def save_checkpoint(ckpt_root: Path, step: int, model, trainer, loop_state: dict, keep: int, critic=None) -> Path:
+    """Write checkpoint `step` under `ckpt_root` and prune all but the newest `keep` (with the critic, if any)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{PREFIX}{step:06d}"
     tmp = ckpt_root / f".tmp-{PREFIX}{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
-    torch.save(
-        {"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(), "rng": _rng_state()},
-        tmp / "trainer.pt",
-    )
+    blob = {"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(), "rng": _rng_state()}
+    if critic is not None:
+        save_model(critic.model, str(tmp / "critic.safetensors"))
+        blob["critic_optimizer"] = critic.optimizer.state_dict()
+    torch.save(blob, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **loop_state}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -62,10 +63,13 @@ def load_weights(path: Path, model) -> None:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
 
 
-def load_checkpoint(path: Path, model, trainer) -> dict:
-    """Restore weights, optimizer, schedule and RNG from `path`; return the loop state it saved."""
+def load_checkpoint(path: Path, model, trainer, critic=None) -> dict:
+    """Restore weights, optimizer, schedule, RNG (and the critic) from `path`; return the loop state."""
     load_weights(path, model)
     blob = torch.load(path / "trainer.pt", weights_only=False)
+    if critic is not None:
+        load_model(critic.model, str(path / "critic.safetensors"), strict=True)
+        critic.optimizer.load_state_dict(blob["critic_optimizer"])
     trainer.optimizer.load_state_dict(blob["optimizer"])
     trainer.scheduler.load_state_dict(blob["scheduler"])
     _set_rng_state(blob["rng"])

@@ -162,7 +162,8 @@ class PolicyTrainer:
             micro = mini.select(sl)
             logp, entropy = completion_logprobs(self.model, micro, self.temperature, with_entropy=True)
             old = logp.detach() if old_logp is None else old_logp[index[sl]]
-            out = self.loss_fn(logp, old, micro.advantages[:, None], mask=micro.mask, **self.algo.loss_params(behaviour_logp=micro.behaviour_logprobs))
+            params = self.algo.loss_params(behaviour_logp=micro.behaviour_logprobs)
+            out = self.loss_fn(logp, old, micro.token_advantages, mask=micro.mask, **params)
             agg = dict(mode=self.algo.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
             loss = aggregate_loss(out.token_loss, micro.mask, **agg)
             m = micro.mask

@@ -1,0 +1,94 @@
+"""The critic for PPO with GAE: a value model, its optimizer, and GAE advantages for a batch.
+
+The value model is a copy of the policy's transformer body with a scalar head (initialized to
+zero, so the first advantages equal the returns). V_t is read at the position that predicts
+completion token t, i.e. the state before that token is generated.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from rollmill.algos.gae import gae_advantages, token_rewards_from_outcome, value_loss
+from rollmill.algos.normalize import advantage_clip, whiten
+from rollmill.config import AlgorithmConfig, TrainConfig
+from rollmill.train.batch import TrainBatch
+
+
+class ValueModel(nn.Module):
+    """A transformer body plus a linear value head; `forward(batch)` gives values [B, C]."""
+
+    def __init__(self, policy: PreTrainedModel):
+        super().__init__()
+        self.body = copy.deepcopy(policy.get_decoder())
+        self.head = nn.Linear(policy.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch: TrainBatch) -> torch.Tensor:
+        hidden = self.body(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False,
+        ).last_hidden_state
+        start = batch.prompt_width - 1
+        return self.head(hidden[:, start : start + batch.completion_width]).squeeze(-1).float()
+
+
+class CriticTrainer:
+    """Owns the value model and its optimizer; fits values to GAE returns with the same schedule
+    (epochs, mini-batches, micro-batches) as the policy."""
+
+    def __init__(self, policy: PreTrainedModel, train_cfg: TrainConfig, algo_cfg: AlgorithmConfig):
+        self.model = ValueModel(policy)
+        self.cfg = train_cfg
+        self.algo = algo_cfg
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=algo_cfg.critic_lr, betas=train_cfg.betas)
+
+    def _micro(self, batch: TrainBatch):
+        for start in range(0, batch.size, self.cfg.micro_batch_size):
+            yield slice(start, start + self.cfg.micro_batch_size)
+
+    @torch.no_grad()
+    def values(self, batch: TrainBatch) -> torch.Tensor:
+        return torch.cat([self.model(batch.select(sl)) for sl in self._micro(batch)]) * batch.mask
+
+    def advantages(self, batch: TrainBatch, outcome: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token advantages, returns, old values) for `batch` whose sequences scored `outcome` [B]."""
+        old_values = self.values(batch)
+        rewards = token_rewards_from_outcome(outcome, batch.mask)
+        adv, returns = gae_advantages(rewards, old_values, batch.mask, self.algo.gamma, self.algo.lam)
+        if self.algo.whiten_advantages:
+            adv = whiten(adv, batch.mask)
+        return advantage_clip(adv, self.algo.advantage_clip) * batch.mask, returns, old_values
+
+    def step(self, batch: TrainBatch, old_values: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+        """Fit the value model; returns the mean value loss and gradient norm over optimizer steps."""
+        mini = self.cfg.mini_batch_size or batch.size
+        losses, norms = [], []
+        self.model.train()
+        for _ in range(self.cfg.ppo_epochs):
+            for start in range(0, batch.size, mini):
+                losses.append(self._optimizer_step(batch, old_values, returns, slice(start, start + mini)))
+                norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)))
+                self.optimizer.step()
+        self.model.eval()
+        return {"value_loss": sum(losses) / len(losses), "critic/grad_norm": sum(norms) / len(norms),
+                "critic/value_mean": float((old_values * batch.mask).sum() / batch.mask.sum().clamp(min=1))}
+
+    def _optimizer_step(self, batch, old_values, returns, mini: slice) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        mb = batch.select(mini)
+        total_seqs = max(float((mb.mask.sum(-1) > 0).sum()), 1.0)
+        loss_sum = 0.0
+        for sl in self._micro(mb):
+            micro = mb.select(sl)
+            seqs = float((micro.mask.sum(-1) > 0).sum())
+            # value_loss averages over this micro-batch's sequences; reweight to the mini-batch mean
+            loss = value_loss(self.model(micro), old_values[mini][sl], returns[mini][sl], micro.mask, self.algo.value_clip)
+            loss = loss * seqs / total_seqs
+            loss.backward()
+            loss_sum += float(loss.detach())
+        return loss_sum
