@@ -157,6 +157,9 @@ class AlgorithmConfig(Strict):
     kl_coef: float = Field(0.0, ge=0.0)
     kl_estimator: str = "k3"
     track_kl: bool = Field(True, description="keep a frozen reference to report KL even when kl_coef is 0")
+    kl_placement: Literal["loss", "reward"] = Field("loss", description="KL as a loss term or as a reward penalty")
+    kl_target: float | None = Field(None, gt=0.0, description="adapt kl_coef toward this KL (Ziegler); None = fixed")
+    kl_horizon: int = Field(10000, gt=0, description="adaptive KL horizon, in samples")
     # Critic (advantage "gae", the `ppo` preset): ALGORITHMS.md §2.1, ROLL's defaults.
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="GAE discount")
     lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda")

@@ -28,6 +28,7 @@ from rollmill.tasks import load_task
 from rollmill.track import RunLogger, plot_run
 from rollmill.train import PolicyTrainer, build_batch, list_checkpoints, load_checkpoint, save_checkpoint
 from rollmill.train.critic import CriticTrainer
+from rollmill.train.kl_control import KLControl
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class RLVRPipeline:
             self.model, cfg.train, cfg.algorithm, temperature=cfg.rollout.sampling.temperature,
             max_new_tokens=cfg.rollout.sampling.max_new_tokens, ref_model=ref,
         )
+        self.kl = KLControl(cfg.algorithm)
         needs_critic = cfg.algorithm.advantage in CRITIC_ADVANTAGES
         self.critic = CriticTrainer(self.model, cfg.train, cfg.algorithm) if needs_critic else None
         self.cursor = PromptCursor(self.train_examples, seed=cfg.task.seed + cfg.train.seed)
@@ -117,6 +119,8 @@ class RLVRPipeline:
         self.cursor = PromptCursor(self.train_examples, self.cursor.seed, **state["cursor"])
         self.engine.update_weights(self.model.state_dict(), state["version"])
         self.eval_before = state.get("eval_before")
+        self.kl.controller.load_state_dict({"value": state["kl_coef"]})
+        self.trainer.kl_coef = self.kl.beta
         log.info("resumed from %s (step %d)", ckpts[-1], self.step)
         return self.step
 
@@ -155,19 +159,35 @@ class RLVRPipeline:
         return record
 
     def _update(self, kept: Groups) -> dict[str, float]:
-        """Advantages (scalar estimator, or GAE over the critic's values) and the policy/critic update."""
-        name = self.cfg.algorithm.advantage
-        scalar = self.critic is None
-        advantages = ADVANTAGES[name](kept.scores).flatten() if scalar else torch.zeros(len(kept.completions))
-        batch = build_batch(kept.completions, advantages, self.tokenizer.pad_token_id)
+        """Advantages (scalar estimator, or GAE over the critic's values), KL shaping, the update."""
+        algo = self.cfg.algorithm
+        scores = kept.scores
+        batch = build_batch(kept.completions, torch.zeros(len(kept.completions)), self.tokenizer.pad_token_id)
         batch.mask *= kept.loss_weights(self.cfg)[:, None]
-        if scalar:
-            return self.trainer.step(batch)
-        batch.advantages, returns, old_values = self.critic.advantages(batch, kept.scores.flatten())
-        return {**self.trainer.step(batch), **self.critic.step(batch, old_values, returns)}
+        ref_logp = token_kl = None
+        if algo.kl_placement == "reward" and algo.kl_coef > 0:
+            ref_logp = self.trainer.reference_logprobs(batch)
+            token_kl = self.kl.token_kl(batch, ref_logp)
+        if self.critic is None:
+            if token_kl is not None:
+                scores = self.kl.penalized_scores(scores, token_kl)
+            batch.advantages = ADVANTAGES[algo.advantage](scores).flatten()
+            metrics = self.trainer.step(batch, ref_logp=ref_logp)
+        else:
+            beta = self.kl.beta if token_kl is not None else 0.0
+            batch.advantages, returns, old_values = self.critic.advantages(batch, scores.flatten(), token_kl, beta)
+            metrics = {**self.trainer.step(batch, ref_logp=ref_logp), **self.critic.step(batch, old_values, returns)}
+        if token_kl is not None:
+            metrics.update(self.kl.update(token_kl, batch.mask))
+        elif algo.kl_target is not None and "kl" in metrics:
+            self.kl.controller.update(metrics["kl"], n_steps=batch.size)
+            self.trainer.kl_coef = self.kl.beta
+            metrics["kl/coef"] = self.kl.beta
+        return metrics
 
     def _checkpoint(self) -> None:
-        state = {"cursor": self.cursor.state(), "version": self.engine.version, "eval_before": self.eval_before}
+        state = {"cursor": self.cursor.state(), "version": self.engine.version, "eval_before": self.eval_before,
+                 "kl_coef": self.kl.beta}
         path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.trainer, state, self.cfg.checkpoint.keep, self.critic)
         log.info("step %d: checkpoint saved to %s", self.step, path)
 

@@ -55,10 +55,13 @@ class CriticTrainer:
     def values(self, batch: TrainBatch) -> torch.Tensor:
         return torch.cat([self.model(batch.select(sl)) for sl in self._micro(batch)]) * batch.mask
 
-    def advantages(self, batch: TrainBatch, outcome: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(token advantages, returns, old values) for `batch` whose sequences scored `outcome` [B]."""
+    def advantages(
+        self, batch: TrainBatch, outcome: torch.Tensor, token_kl: torch.Tensor | None = None, beta: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token advantages, returns, old values) for `batch` whose sequences scored `outcome` [B];
+        `token_kl` with `beta` adds the reward-side KL penalty to every token's reward."""
         old_values = self.values(batch)
-        rewards = token_rewards_from_outcome(outcome, batch.mask)
+        rewards = token_rewards_from_outcome(outcome, batch.mask, kl=token_kl, beta=beta)
         adv, returns = gae_advantages(rewards, old_values, batch.mask, self.algo.gamma, self.algo.lam)
         if self.algo.whiten_advantages:
             adv = whiten(adv, batch.mask)

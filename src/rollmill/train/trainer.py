@@ -108,6 +108,7 @@ class PolicyTrainer:
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
         self.ref_model = ref_model
+        self.kl_coef = algo_cfg.kl_coef  # moved by an adaptive KL controller when one is configured
         self.loss_fn = POLICY_LOSSES[algo_cfg.loss]
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -119,17 +120,26 @@ class PolicyTrainer:
         for start in range(0, batch.size, self.cfg.micro_batch_size):
             yield batch.select(slice(start, start + self.cfg.micro_batch_size))
 
+    def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Log-probs [B, C] of the batch's completions under the frozen reference policy."""
+        if self.ref_model is None:
+            raise RuntimeError("no reference model: set algorithm.kl_coef > 0 or algorithm.track_kl")
+        return self._logprobs_no_grad(self.ref_model, batch)
+
     @torch.no_grad()
     def _logprobs_no_grad(self, model: PreTrainedModel, batch: TrainBatch) -> torch.Tensor:
         return torch.cat([completion_logprobs(model, mb, self.temperature)[0] for mb in self._micro_batches(batch)])
 
-    def step(self, batch: TrainBatch) -> dict[str, float]:
-        """One RL update on a rollout batch; returns scalar metrics averaged over valid tokens."""
+    def step(self, batch: TrainBatch, ref_logp: torch.Tensor | None = None) -> dict[str, float]:
+        """One RL update on a rollout batch; returns scalar metrics averaged over valid tokens.
+
+        `ref_logp` reuses reference log-probs the caller already computed (reward-side KL)."""
         mini = self.cfg.mini_batch_size or batch.size
         single_pass = self.cfg.ppo_epochs == 1 and mini >= batch.size
         # With a single pass the detached current log-probs ARE the recomputed old ones: skip a forward.
         old_logp = None if single_pass else self._logprobs_no_grad(self.model, batch)
-        ref_logp = self._logprobs_no_grad(self.ref_model, batch) if self.ref_model is not None else None
+        if ref_logp is None and self.ref_model is not None:
+            ref_logp = self._logprobs_no_grad(self.ref_model, batch)
         sums: dict[str, float] = defaultdict(float)
         if old_logp is not None:
             # train/inference consistency (same weights, trainer vs engine log-probs); x epochs because
@@ -169,8 +179,8 @@ class PolicyTrainer:
             m = micro.mask
             if ref_logp is not None:
                 kl = kl_estimate(self.algo.kl_estimator, logp, ref_logp[index[sl]])
-                if self.algo.kl_coef > 0:
-                    loss = loss + self.algo.kl_coef * aggregate_loss(kl, m, **agg)
+                if self.kl_coef > 0 and self.algo.kl_placement == "loss":
+                    loss = loss + self.kl_coef * aggregate_loss(kl, m, **agg)
                 sums["kl"] += float((kl.detach() * m).sum())
             loss.backward()
             with torch.no_grad():

@@ -1,0 +1,49 @@
+"""KL to the reference as a reward penalty or a loss term, with a fixed or adaptive coefficient."""
+
+import torch
+
+from rollmill.config import AlgorithmConfig
+from rollmill.pipelines.rlvr import NONDETERMINISTIC_PREFIXES, RLVRPipeline, train
+from rollmill.track import read_jsonl
+from rollmill.train.kl_control import KLControl
+
+
+def test_penalized_scores_subtract_beta_times_summed_token_kl():
+    kl = KLControl(AlgorithmConfig(kl_coef=0.5, kl_placement="reward"))
+    scores = torch.tensor([[1.0, 0.0]])
+    token_kl = torch.tensor([[0.2, 0.2, 0.0], [0.5, 0.0, 0.0]])
+    assert torch.allclose(kl.penalized_scores(scores, token_kl), torch.tensor([[0.8, -0.25]]))
+
+
+def test_adaptive_coefficient_follows_the_spec_example_and_grows_when_kl_is_high():
+    kl = KLControl(AlgorithmConfig(kl_coef=0.2, kl_target=0.1, kl_horizon=10000))
+    mask = torch.ones(256, 1)
+    metrics = kl.update(torch.full((256, 1), 0.15), mask)
+    assert abs(metrics["kl/coef"] - 0.201024) < 1e-6 and abs(metrics["kl/reward_side"] - 0.15) < 1e-6
+
+
+def test_reward_side_kl_shapes_rewards_in_a_run(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(algorithm={"kl_coef": 0.5, "kl_placement": "reward", "kl_estimator": "k1"}, eval={"before": False})
+    pipe = RLVRPipeline(cfg, tmp_path / "run")
+    first, second = pipe.rollout_and_train(), pipe.rollout_and_train()
+    assert abs(first["kl/reward_side"]) < 1e-4  # the first batch is sampled by the reference itself
+    assert abs(second["kl/reward_side"]) > 1e-3  # after one update at lr 1e-2 the policy has moved
+    assert second["kl/coef"] == 0.5
+
+
+def test_adaptive_loss_kl_resumes_exactly(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(algorithm={"kl_coef": 0.1, "kl_target": 1e-4, "kl_horizon": 10})
+    train(cfg, tmp_path / "a")
+    train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 2})}), tmp_path / "b")
+    train(cfg, tmp_path / "b", resume=True)
+
+    def clean(path):
+        return [{k: v for k, v in r.items() if not k.startswith(NONDETERMINISTIC_PREFIXES)} for r in read_jsonl(path)]
+
+    a = clean(tmp_path / "a" / "metrics.jsonl")
+    assert a == clean(tmp_path / "b" / "metrics.jsonl")
+    coefs = [r["kl/coef"] for r in a if "kl/coef" in r]
+    # step 1 sees KL 0 (policy = reference): beta shrinks by the max 20% * 8 samples / horizon 10;
+    # afterwards the KL is far above target and beta grows step after step
+    assert abs(coefs[0] - 0.1 * (1 - 0.2 * 8 / 10)) < 1e-9
+    assert coefs[1] < coefs[2] < coefs[3]
