@@ -165,8 +165,12 @@ class AlgorithmConfig(Strict):
     lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda")
     value_clip: float | None = Field(None, gt=0.0, description="clip new values to old +- this in the value loss; None = off")
     critic_lr: float = Field(1e-5, gt=0.0, description="learning rate of the value model")
-    whiten_advantages: bool = Field(True, description="GAE only: whiten token advantages over the batch")
-    advantage_clip: float | None = Field(2.0, gt=0.0, description="GAE only: clamp advantages to +- this; None = off")
+    # Composable normalization (advantage "normalized"; whitening and advantage clip also apply to "gae").
+    norm_mean: Literal["group", "batch", "running"] | None = Field("group", description="baseline subtracted from rewards")
+    norm_std: Literal["group", "batch", "running"] | None = Field("group", description="std the rewards are divided by")
+    reward_clip: float | None = Field(None, gt=0.0, description="clamp rewards to +- this before normalizing")
+    whiten_advantages: bool = Field(False, description="whiten token advantages over the batch's valid tokens")
+    advantage_clip: float | None = Field(None, gt=0.0, description="clamp advantages to +- this; None = off")
     # Policy-loss parameters: each is named exactly like the keyword of the losses that take it.
     clip_eps_high: float | None = Field(None, gt=0.0, description="clip-higher upper epsilon (DAPO 0.28); None = clip_eps")
     dual_clip_c: float | None = Field(None, gt=1.0, description="dual-clip bound for A<0 (paper 3.0, ROLL 1+2*clip_eps); None = off")

@@ -12,7 +12,8 @@ from rollmill.algos.presets import ALGORITHMS, Preset
 
 # Estimators over token values need a critic, so they live outside the scalar ADVANTAGES registry.
 CRITIC_ADVANTAGES = ("gae",)
-ADVANTAGE_NAMES = (*ADVANTAGES, *CRITIC_ADVANTAGES)
+# "normalized" composes algorithm.norm_mean / norm_std / reward_clip / advantage_clip / whitening.
+ADVANTAGE_NAMES = (*ADVANTAGES, "normalized", *CRITIC_ADVANTAGES)
 
 __all__ = [
     "ADVANTAGES",

@@ -59,7 +59,8 @@ ALGORITHMS: dict[str, Preset] = {
     ),
     "ppo": Preset(
         "PPO with a critic: GAE token advantages (gamma 1, lambda 0.95), whitened and clipped at 2, PPO clip",
-        {"advantage": "gae", "loss": "ppo_clip", "loss_agg": "seq-mean-token-mean"},
+        {"advantage": "gae", "loss": "ppo_clip", "loss_agg": "seq-mean-token-mean", "whiten_advantages": True,
+         "advantage_clip": 2.0},
     ),
     "cispo": Preset(
         "CISPO: clipped, detached importance weight times log-prob (no token dropped)",

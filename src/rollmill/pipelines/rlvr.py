@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rollmill.algos import ADVANTAGES, CRITIC_ADVANTAGES
+from rollmill.algos import CRITIC_ADVANTAGES
 from rollmill.config import RunConfig, dump_config
 from rollmill.models import load_model
 from rollmill.pipelines.common import PromptCursor, seed_everything, step_seed
@@ -27,6 +27,7 @@ from rollmill.rollout import HFEngine
 from rollmill.tasks import load_task
 from rollmill.track import RunLogger, plot_run
 from rollmill.train import PolicyTrainer, build_batch, list_checkpoints, load_checkpoint, save_checkpoint
+from rollmill.train.advantages import AdvantageComputer
 from rollmill.train.critic import CriticTrainer
 from rollmill.train.kl_control import KLControl
 
@@ -97,6 +98,7 @@ class RLVRPipeline:
             max_new_tokens=cfg.rollout.sampling.max_new_tokens, ref_model=ref,
         )
         self.kl = KLControl(cfg.algorithm)
+        self.advantages = AdvantageComputer(cfg.algorithm)
         needs_critic = cfg.algorithm.advantage in CRITIC_ADVANTAGES
         self.critic = CriticTrainer(self.model, cfg.train, cfg.algorithm) if needs_critic else None
         self.cursor = PromptCursor(self.train_examples, seed=cfg.task.seed + cfg.train.seed)
@@ -121,6 +123,7 @@ class RLVRPipeline:
         self.eval_before = state.get("eval_before")
         self.kl.controller.load_state_dict({"value": state["kl_coef"]})
         self.trainer.kl_coef = self.kl.beta
+        self.advantages.load_state_dict(state["reward_moments"])
         log.info("resumed from %s (step %d)", ckpts[-1], self.step)
         return self.step
 
@@ -171,7 +174,7 @@ class RLVRPipeline:
         if self.critic is None:
             if token_kl is not None:
                 scores = self.kl.penalized_scores(scores, token_kl)
-            batch.advantages = ADVANTAGES[algo.advantage](scores).flatten()
+            batch.advantages = self.advantages(scores, batch.mask)
             metrics = self.trainer.step(batch, ref_logp=ref_logp)
         else:
             beta = self.kl.beta if token_kl is not None else 0.0
@@ -187,7 +190,7 @@ class RLVRPipeline:
 
     def _checkpoint(self) -> None:
         state = {"cursor": self.cursor.state(), "version": self.engine.version, "eval_before": self.eval_before,
-                 "kl_coef": self.kl.beta}
+                 "kl_coef": self.kl.beta, "reward_moments": self.advantages.state_dict()}
         path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.trainer, state, self.cfg.checkpoint.keep, self.critic)
         log.info("step %d: checkpoint saved to %s", self.step, path)
 
