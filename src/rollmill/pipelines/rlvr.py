@@ -28,6 +28,7 @@ from rollmill.tasks import load_task
 from rollmill.track import RunLogger, plot_run
 from rollmill.train import PolicyTrainer, build_batch, list_checkpoints, load_checkpoint, save_checkpoint
 from rollmill.train.advantages import AdvantageComputer
+from rollmill.train.anchor_credit import anchor_scaled_advantages
 from rollmill.train.critic import CriticTrainer
 from rollmill.train.kl_control import KLControl
 
@@ -175,6 +176,8 @@ class RLVRPipeline:
             if token_kl is not None:
                 scores = self.kl.penalized_scores(scores, token_kl)
             batch.advantages = self.advantages(scores, batch.mask)
+            if algo.credit != "none":
+                batch.advantages = anchor_scaled_advantages(self.model, batch, algo, self.cfg.train.micro_batch_size)
             metrics = self.trainer.step(batch, ref_logp=ref_logp)
         else:
             beta = self.kl.beta if token_kl is not None else 0.0
