@@ -97,3 +97,18 @@ def test_shared_prompt_prefill_matches_separate_forwards():
     loss2 = (separate.log_softmax(-1)[..., 3] * batch.mask).sum()
     for g1, g2 in zip(grads, torch.autograd.grad(loss2, list(model.parameters()))):
         assert torch.allclose(g1, g2, atol=1e-5)
+
+
+def test_truncated_is_and_mismatch_filter_use_behaviour_logprobs():
+    tok = build_char_tokenizer()
+    batch = random_batch(len(tok))  # behaviour log-probs are all -1.0: far from the model's own
+    model = build_tiny_model(len(tok), seed=3)
+    trainer = PolicyTrainer(model, TrainConfig(lr=1e-2), AlgorithmConfig(mismatch_ratio_bounds=(0.5, 2.0)))
+    metrics = trainer.step(batch)
+    # the tiny model gives ~1/100 to each token, exp(-4.6 + 1) is far below 0.5: every token is dropped
+    assert metrics["mismatch/dropped_tokens"] == float(batch.mask.sum())
+    assert metrics["grad_norm"] == 0.0
+    capped = PolicyTrainer(build_tiny_model(len(tok), seed=3), TrainConfig(lr=1e-2), AlgorithmConfig(tis_cap=1.0))
+    plain = PolicyTrainer(build_tiny_model(len(tok), seed=3), TrainConfig(lr=1e-2), AlgorithmConfig())
+    ratio = capped.step(batch)["grad_norm"] / plain.step(batch)["grad_norm"]
+    assert 0 < ratio < 0.1  # weights min(exp(logp + 1), 1) ~ 0.03 scale the gradient down

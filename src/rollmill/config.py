@@ -171,6 +171,10 @@ class AlgorithmConfig(Strict):
     reward_clip: float | None = Field(None, gt=0.0, description="clamp rewards to +- this before normalizing")
     whiten_advantages: bool = Field(False, description="whiten token advantages over the batch's valid tokens")
     advantage_clip: float | None = Field(None, gt=0.0, description="clamp advantages to +- this; None = off")
+    # Train/inference mismatch corrections (§3.2), against the engine's behaviour log-probs.
+    tis_cap: float | None = Field(None, gt=0.0, description="truncated IS: weight losses by min(pi_train/pi_behaviour, cap)")
+    tis_level: Literal["token", "sequence", "geometric"] = Field("token", description="level of the TIS ratio and mismatch filter")
+    mismatch_ratio_bounds: tuple[float, float] | None = Field(None, description="drop tokens/sequences whose ratio leaves [lo, hi]")
     # Preplan-and-anchor credit (§4.5; constants UNVERIFIED): amplify advantages on attention-selected tokens.
     credit: Literal["none", "waad", "fai", "preplan_anchor"] = Field("none", description="attention-based token credit")
     credit_kappa: float = Field(0.5, ge=0.0, description="amplification: A_t * (1 + kappa * gate_t)")

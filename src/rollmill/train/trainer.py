@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from rollmill.algos import POLICY_LOSSES, aggregate_loss, kl_estimate
+from rollmill.algos.losses import mismatch_mask, tis_weights
 from rollmill.config import AlgorithmConfig, TrainConfig
 from rollmill.train.batch import TrainBatch
 
@@ -135,11 +136,18 @@ class PolicyTrainer:
 
         `ref_logp` reuses reference log-probs the caller already computed (reward-side KL)."""
         mini = self.cfg.mini_batch_size or batch.size
-        single_pass = self.cfg.ppo_epochs == 1 and mini >= batch.size
+        corrects_mismatch = self.algo.tis_cap is not None or self.algo.mismatch_ratio_bounds is not None
+        single_pass = self.cfg.ppo_epochs == 1 and mini >= batch.size and not corrects_mismatch
         # With a single pass the detached current log-probs ARE the recomputed old ones: skip a forward.
         old_logp = None if single_pass else self._logprobs_no_grad(self.model, batch)
         if ref_logp is None and self.ref_model is not None:
             ref_logp = self._logprobs_no_grad(self.ref_model, batch)
+        if self.algo.mismatch_ratio_bounds is not None:
+            kept = mismatch_mask(old_logp, batch.behaviour_logprobs, batch.mask, self.algo.tis_level,
+                                 ratio_bounds=self.algo.mismatch_ratio_bounds)
+            dropped = float(batch.mask.sum() - kept.sum())
+            batch = batch.select(slice(None))  # a new batch object: the caller's mask stays as it was
+            batch.mask = kept
         sums: dict[str, float] = defaultdict(float)
         if old_logp is not None:
             # train/inference consistency (same weights, trainer vs engine log-probs); x epochs because
@@ -160,6 +168,8 @@ class PolicyTrainer:
         metrics["loss"] = loss_sum / len(grad_norms)
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
+        if self.algo.mismatch_ratio_bounds is not None:
+            metrics["mismatch/dropped_tokens"] = dropped
         return metrics
 
     def _optimizer_step(self, mini: TrainBatch, index, old_logp, ref_logp, sums) -> float:
@@ -174,8 +184,12 @@ class PolicyTrainer:
             old = logp.detach() if old_logp is None else old_logp[index[sl]]
             params = self.algo.loss_params(behaviour_logp=micro.behaviour_logprobs)
             out = self.loss_fn(logp, old, micro.token_advantages, mask=micro.mask, **params)
+            token_loss = out.token_loss
+            if self.algo.tis_cap is not None:
+                token_loss = token_loss * tis_weights(old, micro.behaviour_logprobs, micro.mask, self.algo.tis_cap,
+                                                      self.algo.tis_level)
             agg = dict(mode=self.algo.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
-            loss = aggregate_loss(out.token_loss, micro.mask, **agg)
+            loss = aggregate_loss(token_loss, micro.mask, **agg)
             m = micro.mask
             if ref_logp is not None:
                 kl = kl_estimate(self.algo.kl_estimator, logp, ref_logp[index[sl]])
