@@ -84,9 +84,8 @@ def cmd_algos(args) -> int:
 
     sections = [
         ("presets (algorithm.name)", {k: p.description for k, p in algos.ALGORITHMS.items()}),
-        ("advantage estimators (algorithm.advantage)",
-         {**{k: _first_line(f) for k, f in algos.ADVANTAGES.items()}, "normalized": "composed from algorithm.norm_mean, norm_std, reward_clip, advantage_clip, whiten_advantages",
-          "gae": "GAE over a learned value model (the ppo preset)"}),
+        ("advantage estimators (algorithm.advantage)", {**{k: _first_line(f) for k, f in algos.ADVANTAGES.items()},
+                                                        **_EXTRA_ADVANTAGES}),
         ("policy losses (algorithm.loss)", {k: _first_line(f) for k, f in algos.POLICY_LOSSES.items()}),
         ("KL estimators (algorithm.kl_estimator)", {k: _first_line(f) for k, f in algos.KL_ESTIMATORS.items()}),
         ("loss aggregations (algorithm.loss_agg)", {k: _AGG_HELP[k] for k in algos.LOSS_AGGREGATIONS}),
@@ -98,6 +97,11 @@ def cmd_algos(args) -> int:
         print()
     return 0
 
+
+_EXTRA_ADVANTAGES = {
+    "normalized": "composed from algorithm.norm_mean, norm_std, reward_clip, advantage_clip, whiten_advantages",
+    "gae": "GAE over a learned value model (the ppo preset)",
+}
 
 _AGG_HELP = {
     "token-mean": "every valid token weighs the same (DAPO, Lite PPO)",

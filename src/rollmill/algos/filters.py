@@ -35,4 +35,5 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, cache_len: int) -> tor
     lengths = lengths.to(torch.float32)
     free = max_len - cache_len
     ramp = (free - lengths) / cache_len
-    return torch.where(lengths <= free, torch.zeros_like(lengths), torch.where(lengths <= max_len, ramp, -torch.ones_like(lengths)))
+    penalty = torch.where(lengths <= max_len, ramp, -torch.ones_like(lengths))
+    return torch.where(lengths <= free, torch.zeros_like(lengths), penalty)
