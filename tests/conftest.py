@@ -33,3 +33,20 @@ def tiny_cfg(tmp_path):
         return config_from_dict(tiny_config_dict(tmp_path, **sections))
 
     return make
+
+
+@pytest.fixture
+def straight_and_resumed(tmp_path):
+    """Run `cfg` straight, and again as half the steps + --resume; return both runs' deterministic metrics."""
+    from rollmill.pipelines.rlvr import train
+    from rollmill.track import deterministic_metrics
+
+    def run(cfg):
+        train(cfg, tmp_path / "straight")
+        half = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": cfg.train.steps // 2})})
+        train(half, tmp_path / "split")
+        train(cfg, tmp_path / "split", resume=True)
+        return deterministic_metrics(tmp_path / "straight" / "metrics.jsonl"), deterministic_metrics(
+            tmp_path / "split" / "metrics.jsonl")
+
+    return run

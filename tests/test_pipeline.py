@@ -5,13 +5,9 @@ import torch
 
 from rollmill.cli import main
 from rollmill.config import dump_config
-from rollmill.pipelines.rlvr import NONDETERMINISTIC_PREFIXES, RLVRPipeline, train
+from rollmill.pipelines.rlvr import RLVRPipeline, train
 from rollmill.tasks import DataError
-from rollmill.track import read_jsonl
-
-
-def deterministic(records):
-    return [{k: v for k, v in r.items() if not k.startswith(NONDETERMINISTIC_PREFIXES)} for r in records]
+from rollmill.track import deterministic_metrics, read_jsonl
 
 
 def test_tiny_run_writes_every_artifact(tiny_cfg, tmp_path):
@@ -44,8 +40,8 @@ def test_resume_reproduces_a_straight_run(tiny_cfg, tmp_path):
     split = tmp_path / "split"
     train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 2})}), split)
     train(cfg, split, resume=True)
-    a = deterministic(read_jsonl(straight / "metrics.jsonl"))
-    b = deterministic(read_jsonl(split / "metrics.jsonl"))
+    a = deterministic_metrics(straight / "metrics.jsonl")
+    b = deterministic_metrics(split / "metrics.jsonl")
     assert len(a) == 5 and a == b
     assert read_jsonl(straight / "samples.jsonl") == read_jsonl(split / "samples.jsonl")
     from safetensors.torch import load_file

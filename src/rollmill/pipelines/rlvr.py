@@ -34,9 +34,6 @@ from rollmill.train.kl_control import KLControl
 
 log = logging.getLogger(__name__)
 
-# Timings and throughput vary run to run; everything else in a record is a function of the seed.
-NONDETERMINISTIC_PREFIXES = ("time/", "throughput/")
-
 
 def _rollout_metrics(groups: Groups) -> dict[str, float]:
     """What the policy did this step, over every sampled group (filtered ones included)."""

@@ -17,6 +17,15 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+# Timings and throughput vary run to run; everything else in a record is a function of the seed.
+NONDETERMINISTIC_PREFIXES = ("time/", "throughput/")
+
+
+def deterministic_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl without timing fields: what two runs of one seed must share."""
+    return [{k: v for k, v in r.items() if not k.startswith(NONDETERMINISTIC_PREFIXES)} for r in read_jsonl(path)]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
