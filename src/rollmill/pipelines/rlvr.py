@@ -125,10 +125,9 @@ class RLVRPipeline:
         log.info("resumed from %s (step %d)", ckpts[-1], self.step)
         return self.step
 
-    def _evaluate(self, step: int) -> dict:
-        metrics = evaluate(self.engine, self.tokenizer, self.eval_examples, self.cfg, seed=step_seed(self.cfg.train.seed, -1))
-        self.logger.log_metrics({"step": step, **metrics})
-        return metrics
+    def _held_out(self) -> dict:
+        """Eval metrics on the held-out split; the same sampling seed every time, so evals compare."""
+        return evaluate(self.engine, self.tokenizer, self.eval_examples, self.cfg, seed=step_seed(self.cfg.train.seed, -1))
 
     def rollout_and_train(self) -> dict:
         """One RL step: sample and score groups, filter, compute advantages, update, sync weights."""
@@ -197,7 +196,8 @@ class RLVRPipeline:
     def run(self) -> TrainResult:
         cfg = self.cfg
         if self.step == 0 and cfg.eval.before:
-            self.eval_before = self._evaluate(0)
+            self.eval_before = self._held_out()
+            self.logger.log_metrics({"step": 0, **self.eval_before})
             log.info("held-out accuracy before training: %.3f", self.eval_before["eval/accuracy"])
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", disable=not cfg.log.progress, dynamic_ncols=True)
         eval_after = None
@@ -207,7 +207,7 @@ class RLVRPipeline:
                 self._check_reward_failures(record)
                 last = self.step == cfg.train.steps
                 if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
-                    eval_after = evaluate(self.engine, self.tokenizer, self.eval_examples, cfg, seed=step_seed(cfg.train.seed, -1))
+                    eval_after = self._held_out()
                     record.update(eval_after)
                     log.info("step %d: held-out accuracy %.3f", self.step, eval_after["eval/accuracy"])
                 self.logger.log_metrics(record)

@@ -38,6 +38,12 @@ class TrainBatch:
         """Advantages shaped to broadcast against [B, C]."""
         return self.advantages if self.advantages.dim() == 2 else self.advantages[:, None]
 
+    def micro_batches(self, size: int):
+        """(slice, sub-batch) pairs of at most `size` rows, in order: the unit of one forward/backward."""
+        for start in range(0, self.size, size):
+            rows = slice(start, start + size)
+            yield rows, self.select(rows)
+
     def select(self, index: torch.Tensor | slice) -> "TrainBatch":
         return TrainBatch(
             self.input_ids[index], self.attention_mask[index], self.position_ids[index], self.mask[index],

@@ -47,13 +47,9 @@ class CriticTrainer:
         self.algo = algo_cfg
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=algo_cfg.critic_lr, betas=train_cfg.betas)
 
-    def _micro(self, batch: TrainBatch):
-        for start in range(0, batch.size, self.cfg.micro_batch_size):
-            yield slice(start, start + self.cfg.micro_batch_size)
-
     @torch.no_grad()
     def values(self, batch: TrainBatch) -> torch.Tensor:
-        return torch.cat([self.model(batch.select(sl)) for sl in self._micro(batch)]) * batch.mask
+        return torch.cat([self.model(mb) for _, mb in batch.micro_batches(self.cfg.micro_batch_size)]) * batch.mask
 
     def advantages(
         self, batch: TrainBatch, outcome: torch.Tensor, token_kl: torch.Tensor | None = None, beta: float = 0.0
@@ -86,8 +82,7 @@ class CriticTrainer:
         mb = batch.select(mini)
         total_seqs = max(float((mb.mask.sum(-1) > 0).sum()), 1.0)
         loss_sum = 0.0
-        for sl in self._micro(mb):
-            micro = mb.select(sl)
+        for sl, micro in mb.micro_batches(self.cfg.micro_batch_size):
             seqs = float((micro.mask.sum(-1) > 0).sum())
             # value_loss averages over this micro-batch's sequences; reweight to the mini-batch mean
             loss = value_loss(self.model(micro), old_values[mini][sl], returns[mini][sl], micro.mask, self.algo.value_clip)

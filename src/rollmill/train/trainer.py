@@ -117,10 +117,6 @@ class PolicyTrainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(train_cfg))
 
-    def _micro_batches(self, batch: TrainBatch):
-        for start in range(0, batch.size, self.cfg.micro_batch_size):
-            yield batch.select(slice(start, start + self.cfg.micro_batch_size))
-
     def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """Log-probs [B, C] of the batch's completions under the frozen reference policy."""
         if self.ref_model is None:
@@ -129,7 +125,7 @@ class PolicyTrainer:
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model: PreTrainedModel, batch: TrainBatch) -> torch.Tensor:
-        return torch.cat([completion_logprobs(model, mb, self.temperature)[0] for mb in self._micro_batches(batch)])
+        return torch.cat([completion_logprobs(model, mb, self.temperature)[0] for _, mb in batch.micro_batches(self.cfg.micro_batch_size)])
 
     def step(self, batch: TrainBatch, ref_logp: torch.Tensor | None = None) -> dict[str, float]:
         """One RL update on a rollout batch; returns scalar metrics averaged over valid tokens.
@@ -177,9 +173,7 @@ class PolicyTrainer:
         num_seqs = float((mini.mask.sum(-1) > 0).sum())
         norm_length = self.max_new_tokens or mini.completion_width
         self.optimizer.zero_grad(set_to_none=True)
-        for start in range(0, mini.size, self.cfg.micro_batch_size):
-            sl = slice(start, start + self.cfg.micro_batch_size)
-            micro = mini.select(sl)
+        for sl, micro in mini.micro_batches(self.cfg.micro_batch_size):
             logp, entropy = completion_logprobs(self.model, micro, self.temperature, with_entropy=True)
             old = logp.detach() if old_logp is None else old_logp[index[sl]]
             params = self.algo.loss_params(behaviour_logp=micro.behaviour_logprobs)
