@@ -98,6 +98,15 @@ def cmd_algos(args) -> int:
     return 0
 
 
+def cmd_envs(args) -> int:
+    from rollmill.envs import ENVS
+
+    for name, spec in sorted(ENVS.items()):
+        print(f"  {name:<14} {spec.description}")
+        print(f"  {'':<14} kwargs: {', '.join(spec.parameters()) or '-'}")
+    return 0
+
+
 _EXTRA_ADVANTAGES = {
     "normalized": "composed from algorithm.norm_mean, norm_std, reward_clip, advantage_clip, whiten_advantages",
     "gae": "GAE over a learned value model (the ppo preset)",
@@ -132,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("algos", help="list presets, advantage estimators, losses, KL estimators")
     p.set_defaults(func=cmd_algos)
+
+    p = sub.add_parser("envs", help="list the registered environments (env.name) and their kwargs")
+    p.set_defaults(func=cmd_envs)
 
     p = sub.add_parser("plot", help="write RUN_DIR/curves.png")
     p.add_argument("run_dir")

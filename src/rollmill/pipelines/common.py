@@ -75,6 +75,12 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919) % (2**31 - 1)
 
 
+def spread(total: int, count: int) -> list[int]:
+    """`count` indices spread evenly over `total`, so dumped samples cover several groups."""
+    count = min(count, total)
+    return [i * total // count for i in range(count)] if count else []
+
+
 def new_run_dir(cfg: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path(cfg.log.run_root) / f"{cfg.name}-{stamp}"

@@ -1,4 +1,4 @@
-"""`rollmill plot RUN_DIR`: a PNG of training reward and held-out accuracy against step."""
+"""`rollmill plot RUN_DIR`: a PNG of training reward and held-out accuracy (or success) against step."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'} is missing or empty: nothing to plot")
     out = out or run_dir / "curves.png"
     fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, style in (("reward/mean", "-"), ("accuracy/train", "--")):
+    for key, style in (("reward/mean", "-"), ("accuracy/train", "--"), ("episode/success", "--")):
         pts = [(r["step"], r[key]) for r in records if key in r]
         if pts:
             ax_r.plot(*zip(*pts), style, label=key)
-    ax_r.set(title="training batch", xlabel="step", ylim=(-0.05, 1.05))
+    ax_r.set(title="training batch", xlabel="step")  # rewards may be negative (penalties)
     ax_r.legend(loc="lower right")
-    for key in sorted({k for r in records for k in r if k == "eval/accuracy" or k.startswith("eval/pass@")}):
+    for key in sorted({k for r in records for k in r if k in ("eval/accuracy", "eval/success") or k.startswith("eval/pass@")}):
         pts = [(r["step"], r[key]) for r in records if key in r]
         ax_a.plot(*zip(*pts), "o-", label=key)
     ax_a.set(title="held-out eval", xlabel="step", ylim=(-0.05, 1.05))

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from rollmill.algos import POLICY_LOSSES, aggregate_loss, kl_estimate
+from rollmill.algos.agentic import segment_log_ratio, segment_mismatch_mask
 from rollmill.algos.losses import mismatch_mask, tis_weights
 from rollmill.config import AlgorithmConfig, TrainConfig
 from rollmill.train.batch import TrainBatch
@@ -102,8 +103,14 @@ class PolicyTrainer:
         temperature: float = 1.0,
         max_new_tokens: int | None = None,
         ref_model: PreTrainedModel | None = None,
+        segment_ratio: bool = False,
+        segment_mismatch_bound: float | None = None,
     ):
+        """`segment_ratio`: every token of a chunk (batch.segments) sees the chunk's geometric-mean
+        ratio (IPA); `segment_mismatch_bound`: drop chunks whose trainer/engine ratio leaves [0, bound]."""
         self.model = model
+        self.segment_ratio = segment_ratio
+        self.segment_mismatch_bound = segment_mismatch_bound
         self.cfg = train_cfg
         self.algo = algo_cfg
         self.temperature = temperature
@@ -132,15 +139,20 @@ class PolicyTrainer:
 
         `ref_logp` reuses reference log-probs the caller already computed (reward-side KL)."""
         mini = self.cfg.mini_batch_size or batch.size
-        corrects_mismatch = self.algo.tis_cap is not None or self.algo.mismatch_ratio_bounds is not None
+        by_segment = self.segment_mismatch_bound is not None and batch.segments is not None
+        corrects_mismatch = self.algo.tis_cap is not None or self.algo.mismatch_ratio_bounds is not None or by_segment
         single_pass = self.cfg.ppo_epochs == 1 and mini >= batch.size and not corrects_mismatch
         # With a single pass the detached current log-probs ARE the recomputed old ones: skip a forward.
         old_logp = None if single_pass else self._logprobs_no_grad(self.model, batch)
         if ref_logp is None and self.ref_model is not None:
             ref_logp = self._logprobs_no_grad(self.ref_model, batch)
-        if self.algo.mismatch_ratio_bounds is not None:
-            kept = mismatch_mask(old_logp, batch.behaviour_logprobs, batch.mask, self.algo.tis_level,
-                                 ratio_bounds=self.algo.mismatch_ratio_bounds)
+        if self.algo.mismatch_ratio_bounds is not None or by_segment:
+            if by_segment:
+                kept = segment_mismatch_mask(old_logp, batch.behaviour_logprobs, batch.segments, batch.mask,
+                                             upper=self.segment_mismatch_bound)
+            else:
+                kept = mismatch_mask(old_logp, batch.behaviour_logprobs, batch.mask, self.algo.tis_level,
+                                     ratio_bounds=self.algo.mismatch_ratio_bounds)
             dropped = float(batch.mask.sum() - kept.sum())
             batch = batch.select(slice(None))  # a new batch object: the caller's mask stays as it was
             batch.mask = kept
@@ -164,7 +176,7 @@ class PolicyTrainer:
         metrics["loss"] = loss_sum / len(grad_norms)
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
-        if self.algo.mismatch_ratio_bounds is not None:
+        if self.algo.mismatch_ratio_bounds is not None or by_segment:
             metrics["mismatch/dropped_tokens"] = dropped
         return metrics
 
@@ -176,8 +188,11 @@ class PolicyTrainer:
         for sl, micro in mini.micro_batches(self.cfg.micro_batch_size):
             logp, entropy = completion_logprobs(self.model, micro, self.temperature, with_entropy=True)
             old = logp.detach() if old_logp is None else old_logp[index[sl]]
+            loss_logp = logp
+            if self.segment_ratio and micro.segments is not None:
+                loss_logp = old + segment_log_ratio(logp, old, micro.segments, micro.mask)
             params = self.algo.loss_params(behaviour_logp=micro.behaviour_logprobs)
-            out = self.loss_fn(logp, old, micro.token_advantages, mask=micro.mask, **params)
+            out = self.loss_fn(loss_logp, old, micro.token_advantages, mask=micro.mask, **params)
             token_loss = out.token_loss
             if self.algo.tis_cap is not None:
                 token_loss = token_loss * tis_weights(old, micro.behaviour_logprobs, micro.mask, self.algo.tis_cap,

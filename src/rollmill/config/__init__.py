@@ -14,13 +14,11 @@ from typing import Any, Literal
 import re
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-
-class Strict(BaseModel):
-    """Base for every section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from rollmill.config.agent import AgentConfig, EnvConfig
+from rollmill.config.algorithm import AlgorithmConfig
+from rollmill.config.base import Strict
 
 
 class TinyModelConfig(Strict):
@@ -146,107 +144,6 @@ class RolloutConfig(Strict):
     sampling: SamplingConfig = SamplingConfig()
 
 
-class AlgorithmConfig(Strict):
-    """The RL objective. Names are looked up in the `rollmill.algos` registries."""
-
-    name: str = "grpo"
-    advantage: str = "grpo"
-    loss: str = "ppo_clip"
-    loss_agg: str = "token-mean"
-    clip_eps: float = Field(0.2, gt=0.0)
-    kl_coef: float = Field(0.0, ge=0.0)
-    kl_estimator: str = "k3"
-    track_kl: bool = Field(True, description="keep a frozen reference to report KL even when kl_coef is 0")
-    kl_placement: Literal["loss", "reward"] = Field("loss", description="KL as a loss term or as a reward penalty")
-    kl_target: float | None = Field(None, gt=0.0, description="adapt kl_coef toward this KL (Ziegler); None = fixed")
-    kl_horizon: int = Field(10000, gt=0, description="adaptive KL horizon, in samples")
-    # Critic (advantage "gae", the `ppo` preset): ALGORITHMS.md §2.1, ROLL's defaults.
-    gamma: float = Field(1.0, ge=0.0, le=1.0, description="GAE discount")
-    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda")
-    value_clip: float | None = Field(None, gt=0.0, description="clip new values to old +- this in the value loss; None = off")
-    critic_lr: float = Field(1e-5, gt=0.0, description="learning rate of the value model")
-    # Composable normalization (advantage "normalized"; whitening and advantage clip also apply to "gae").
-    norm_mean: Literal["group", "batch", "running"] | None = Field("group", description="baseline subtracted from rewards")
-    norm_std: Literal["group", "batch", "running"] | None = Field("group", description="std the rewards are divided by")
-    reward_clip: float | None = Field(None, gt=0.0, description="clamp rewards to +- this before normalizing")
-    whiten_advantages: bool = Field(False, description="whiten token advantages over the batch's valid tokens")
-    advantage_clip: float | None = Field(None, gt=0.0, description="clamp advantages to +- this; None = off")
-    # Train/inference mismatch corrections (§3.2), against the engine's behaviour log-probs.
-    tis_cap: float | None = Field(None, gt=0.0, description="truncated IS: weight losses by min(pi_train/pi_behaviour, cap)")
-    tis_level: Literal["token", "sequence", "geometric"] = Field("token", description="level of the TIS ratio and mismatch filter")
-    mismatch_ratio_bounds: tuple[float, float] | None = Field(None, description="drop tokens/sequences whose ratio leaves [lo, hi]")
-    # Preplan-and-anchor credit (§4.5; constants UNVERIFIED): amplify advantages on attention-selected tokens.
-    credit: Literal["none", "waad", "fai", "preplan_anchor"] = Field("none", description="attention-based token credit")
-    credit_kappa: float = Field(0.5, ge=0.0, description="amplification: A_t * (1 + kappa * gate_t)")
-    credit_top_q: float = Field(0.1, gt=0.0, le=1.0, description="fraction of each reply's tokens gated")
-    credit_window: int = Field(16, gt=0, description="WAAD distance clip W")
-    credit_layer: int = Field(-1, description="which layer's attention maps to read (negative counts from the end)")
-    credit_positive_only: bool = Field(False, description="amplify only where A > 0")
-    # Policy-loss parameters: each is named exactly like the keyword of the losses that take it.
-    clip_eps_high: float | None = Field(None, gt=0.0, description="clip-higher upper epsilon (DAPO 0.28); None = clip_eps")
-    dual_clip_c: float | None = Field(None, gt=1.0, description="dual-clip bound for A<0 (paper 3.0, ROLL 1+2*clip_eps); None = off")
-    gspo_eps_low: float = Field(3e-4, gt=0.0, lt=1.0, description="GSPO sequence-ratio clip, lower")
-    gspo_eps_high: float = Field(4e-4, gt=0.0, description="GSPO sequence-ratio clip, upper")
-    topr_ratio_level: Literal["seq", "token"] = Field("seq", description="TOPR taper ratio: per sequence (paper) or token (ROLL)")
-    topr_positive_weight: float = Field(1.0, ge=0.0, description="TOPR weight of samples with A > 0")
-    topr_negative_weight: float = Field(1.0, ge=0.0, description="TOPR weight of samples with A <= 0")
-    cispo_eps_low: float = Field(0.1, ge=0.0, le=1.0, description="CISPO IS-weight clip, lower; 1.0 = no lower bound")
-    cispo_eps_high: float = Field(0.1, ge=0.0, description="CISPO IS-weight clip, upper")
-    cispo_unified_mask: bool = Field(False, description="CISPO: drop tokens PPO's clip would zero (ROLL)")
-    is_weight_cap: float = Field(1.2, gt=0.0, description="decoupled_ppo: cap C on exp(old_logp - behaviour_logp)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fill_preset(cls, data: Any) -> Any:
-        """Keys a preset sets are defaults: anything written explicitly in the config wins."""
-        from rollmill.algos import ALGORITHMS
-
-        if isinstance(data, dict) and data.get("name", "grpo") in ALGORITHMS:
-            return {**ALGORITHMS[data.get("name", "grpo")].settings, **data}
-        return data
-
-    @field_validator("name", "advantage", "loss", "loss_agg", "kl_estimator")
-    @classmethod
-    def _registered(cls, value: str, info: ValidationInfo) -> str:
-        import rollmill.algos as algos
-
-        registry, what = _ALGO_REGISTRIES[info.field_name]
-        allowed = getattr(algos, registry)
-        if value not in allowed:
-            raise ValueError(f"unknown {what} {value!r}; allowed: {sorted(allowed)}")
-        return value
-
-    @model_validator(mode="after")
-    def _params_fit_loss(self) -> "AlgorithmConfig":
-        """A loss parameter changed from its default but not taken by the selected loss is an error."""
-        from rollmill.algos.losses import POLICY_LOSSES, loss_param_names
-
-        used = set(loss_param_names(POLICY_LOSSES[self.loss]))
-        every = {name for fn in POLICY_LOSSES.values() for name in loss_param_names(fn)} & set(type(self).model_fields)
-        ignored = sorted(n for n in every - used if getattr(self, n) != type(self).model_fields[n].default)
-        if ignored:
-            raise ValueError(f"loss {self.loss!r} does not use {ignored}; it takes {sorted(used)}")
-        return self
-
-    def loss_params(self, **inputs: Any) -> dict[str, Any]:
-        """Keyword arguments for the selected loss: each of its parameters from `inputs` (per-batch
-        tensors the trainer holds, e.g. behaviour_logp) or else from the field of the same name."""
-        from rollmill.algos.losses import POLICY_LOSSES, loss_param_names
-
-        names = loss_param_names(POLICY_LOSSES[self.loss])
-        return {n: inputs[n] if n in inputs else getattr(self, n) for n in names}
-
-
-# algorithm field -> (registry in rollmill.algos, what to call it in errors)
-_ALGO_REGISTRIES = {
-    "name": ("ALGORITHMS", "algorithm"),
-    "advantage": ("ADVANTAGE_NAMES", "advantage estimator"),
-    "loss": ("POLICY_LOSSES", "policy loss"),
-    "loss_agg": ("LOSS_AGGREGATIONS", "loss aggregation"),
-    "kl_estimator": ("KL_ESTIMATORS", "KL estimator"),
-}
-
-
 class FilterConfig(Strict):
     """Which samples reach the loss (ALGORITHMS.md §2.13-2.14); everything off by default."""
 
@@ -298,9 +195,10 @@ class LogConfig(Strict):
 
 
 class RunConfig(Strict):
-    """Everything one `rollmill train` needs."""
+    """Everything one `rollmill train` needs. `pipeline` picks RLVR (task + reward) or agentic (env + agent)."""
 
     name: str = "rlvr"
+    pipeline: Literal["rlvr", "agentic"] = "rlvr"
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
     reward: RewardConfig = Field(default_factory=RewardConfig)
@@ -311,6 +209,23 @@ class RunConfig(Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    agent: AgentConfig = AgentConfig()
+
+    @model_validator(mode="after")
+    def _agentic_supports(self) -> "RunConfig":
+        """The agentic pipeline trains episodes with per-turn credit; these RLVR options have no meaning there yet."""
+        if self.pipeline != "agentic":
+            return self
+        a = self.algorithm
+        unsupported = {"algorithm.advantage='gae' (a critic)": a.advantage == "gae",
+                       "algorithm.kl_placement='reward'": a.kl_placement == "reward" and a.kl_coef > 0,
+                       f"algorithm.credit={a.credit!r}": a.credit != "none",
+                       "filters.dynamic_sampling": self.filters.dynamic_sampling}
+        bad = [name for name, on in unsupported.items() if on]
+        if bad:
+            raise ValueError(f"pipeline 'agentic' does not support {bad}; agent.credit picks the agentic credit rule")
+        return self
 
 
 class ConfigError(ValueError):

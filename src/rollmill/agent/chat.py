@@ -1,0 +1,96 @@
+"""Chat formatting for multi-turn episodes, built by appending tokens (never re-tokenizing a reply).
+
+The chat template is probed once for the text that closes an assistant turn and opens the next
+user turn. After each reply the agent appends only the tokens of that glue plus the observation,
+so the training sequence holds the sampled token ids exactly as the engine produced them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+_A, _B, _OBS = "\x01A\x01", "\x01B\x01", "\x01OBS\x01"  # placeholders no real text contains
+
+
+class ChatFormat:
+    """Token ids for the first prompt and for each observation that follows a reply."""
+
+    def __init__(self, tokenizer):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the agentic pipeline needs a tokenizer with a chat template")
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        base = self._render([{"role": "user", "content": _A}, {"role": "assistant", "content": _B}], generation=False)
+        extended = self._render(
+            [{"role": "user", "content": _A}, {"role": "assistant", "content": _B}, {"role": "user", "content": _OBS}],
+            generation=True,
+        )
+        if not extended.startswith(base):
+            raise ValueError("the chat template re-renders earlier turns when a turn is added; "
+                             "multi-turn token appending needs an append-only template")
+        # what the template writes after an assistant's text, then around the next user message
+        self.close_assistant = base[base.index(_B) + len(_B):]
+        self.user_prefix, self.user_suffix = extended[len(base):].split(_OBS)
+        self.eos_text = tokenizer.decode([self.eos_id]) if self.eos_id is not None else ""
+
+    def _render(self, messages: list[dict], generation: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        """Ids of a whole conversation, ending with the assistant's generation prompt."""
+        return self.encode(self._render(messages, generation=True))
+
+    def observation(self, observation: str, reply_ids: list[int]) -> list[int]:
+        """Ids to append after a reply: the end of the assistant turn, the user turn, the next prompt.
+
+        A reply that ended with eos already holds the template's end-of-turn token; one cut by the
+        length limit or a stop string gets it here (as env text, so it is never trained).
+        """
+        closing = self.close_assistant
+        if reply_ids and reply_ids[-1] == self.eos_id and self.eos_text and closing.startswith(self.eos_text):
+            closing = closing[len(self.eos_text):]
+        return self.encode(closing + self.user_prefix + observation + self.user_suffix)
+
+
+def format_instruction(action_format: str, tag: str) -> str:
+    """The line appended to the system prompt that tells the model how to write an action."""
+    if action_format == "tag":
+        return f"Think briefly if you like, then write your action as <{tag}>ACTION</{tag}>."
+    if action_format == "json":
+        return 'Call a tool by writing <tool_call>{"name": NAME, "arguments": {...}}</tool_call>.'
+    return "Reply with the action only."
+
+
+def stop_strings(action_format: str, tag: str) -> tuple[str, ...]:
+    """Generation stops once the action is complete, so nothing after it is sampled or trained."""
+    if action_format == "tag":
+        return (f"</{tag}>",)
+    if action_format == "json":
+        return ("</tool_call>",)
+    return ()
+
+
+def parse_action(reply: str, action_format: str, tag: str = "action") -> str | None:
+    """The action in a reply, or None when there is none in the expected format."""
+    if action_format == "tag":
+        found = re.search(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", reply, flags=re.DOTALL)
+        action = found.group(1).strip() if found else ""
+        return action or None
+    if action_format == "json":
+        found = re.search(r"<tool_call>(.*?)</tool_call>", reply, flags=re.DOTALL)
+        body = found.group(1) if found else reply
+        start, end = body.find("{"), body.rfind("}")
+        if start < 0 or end <= start:
+            return None
+        try:
+            call = json.loads(body[start:end + 1])
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return None
+        return json.dumps({"name": call["name"], "arguments": call.get("arguments", {})})
+    return reply.strip() or None
