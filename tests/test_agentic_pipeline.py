@@ -10,7 +10,7 @@ from conftest import tiny_config_dict
 from rollmill.config import ConfigError, config_from_dict
 from rollmill.envs import ENVS, register_env
 from rollmill.pipelines.rlvr import train
-from rollmill.track import read_jsonl
+from rollmill.track import format_samples, read_jsonl
 
 
 class Flaky:
@@ -74,6 +74,8 @@ def test_each_credit_trains_and_fills_the_run_dir(agentic, tmp_path, credit):
     assert result.eval_after is not None and 0.0 <= result.eval_after["eval/success"] <= 1.0
     samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
     assert samples and all("[[" in view for s in samples for view in s["trained_view"])
+    text = format_samples(samples)
+    assert text.count("--- step") == len(samples) and "turn 0: reply" in text and "env: " in text
     assert (tmp_path / "run" / "curves.png").is_file()
     if credit == "ipa":
         assert "mismatch/dropped_tokens" in last
@@ -125,3 +127,10 @@ def test_cli_lists_envs():
     out = subprocess.run([str(Path(sys.executable).parent / "rollmill"), "envs"], capture_output=True, text=True, check=True).stdout
     for name in ("frozenlake", "sokoban", "guess_number", "wordle", "calculator", "task", "gymnasium", "gem"):
         assert name in out
+
+
+def test_rlvr_samples_print_prompt_answer_and_completion():
+    text = format_samples([{"step": 3, "prompt": "1+1?", "answer": "2", "completion": "2!", "reward": 1.0,
+                            "correct": True, "finish_reason": "stop"}])
+    assert text.splitlines() == ["--- step 3  reward +1.000  (stop)", "prompt:     1+1?", "answer:     2",
+                                 "completion: 2!"]

@@ -77,7 +77,7 @@ def test_malformed_data_file_fails_before_model_loads(tiny_cfg, tmp_path, monkey
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"prompt": "ok", "answer": "1"}) + "\n" + json.dumps({"answer": "2"}) + "\n")
     cfg = tiny_cfg(task={"source": "file", "path": str(data), "eval_size": 1})
-    monkeypatch.setattr("rollmill.pipelines.rlvr.load_model", lambda *_: pytest.fail("model loaded before data check"))
+    monkeypatch.setattr("rollmill.pipelines.base.load_model", lambda *_: pytest.fail("model loaded before data check"))
     with pytest.raises(DataError) as err:
         train(cfg, tmp_path / "run")
     assert "bad.jsonl" in str(err.value) and "2" in str(err.value) and "prompt" in str(err.value)

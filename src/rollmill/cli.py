@@ -51,7 +51,7 @@ def cmd_eval(args) -> int:
     target = Path(args.target) if args.target else None
     run_dir = target if target is not None and target.is_dir() else None
     cfg = load_config(run_dir / "config.yaml" if run_dir else target, args.set)
-    _, eval_examples = load_task(cfg.task)
+    eval_examples = load_task(cfg.task)[1] if cfg.pipeline == "rlvr" else []
     model, tokenizer = load_model(cfg.model)
     source = "initial weights"
     if run_dir is not None:
@@ -61,8 +61,25 @@ def cmd_eval(args) -> int:
         load_weights(ckpts[-1], model)
         source = str(ckpts[-1])
     engine = HFEngine(model, tokenizer, batch_size=cfg.rollout.batch_size)
+    if cfg.pipeline == "agentic":
+        from rollmill.pipelines.agentic import evaluate_episodes
+
+        metrics = evaluate_episodes(engine, tokenizer, cfg, temperature=args.temperature)
+        print(f"{source}: {cfg.env.eval_episodes} held-out {cfg.env.name} episodes: {_fmt(metrics)}")
+        return 0
     metrics = evaluate(engine, tokenizer, eval_examples, cfg, n=args.n, temperature=args.temperature)
     print(f"{source}: {len(eval_examples)} held-out prompts: {_fmt(metrics)}")
+    return 0
+
+
+def cmd_samples(args) -> int:
+    from rollmill.track import format_samples, read_jsonl
+
+    records = read_jsonl(Path(args.run_dir) / "samples.jsonl")
+    if not records:
+        raise ConfigError(f"{args.run_dir} has no samples.jsonl")
+    step = args.step if args.step is not None else records[-1]["step"]
+    print(format_samples([r for r in records if r["step"] == step]) or f"no samples at step {step}")
     return 0
 
 
@@ -144,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("envs", help="list the registered environments (env.name) and their kwargs")
     p.set_defaults(func=cmd_envs)
+
+    p = sub.add_parser("samples", help="print one step's sample episodes or completions readably")
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, default=None, help="which step (default: the last)")
+    p.set_defaults(func=cmd_samples)
 
     p = sub.add_parser("plot", help="write RUN_DIR/curves.png")
     p.add_argument("run_dir")

@@ -56,6 +56,28 @@ class ChatFormat:
         return self.encode(closing + self.user_prefix + observation + self.user_suffix)
 
 
+class PlainFormat:
+    """A transcript without chat markup: the system text, then observation, reply, observation...
+
+    The model continues right after the observation's last character. Base models and tiny models
+    trained from scratch use it: with no template suffix the final position sees the state itself.
+    """
+
+    def __init__(self, tokenizer, separator: str = "\n"):
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self.separator = separator
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        return self.encode(self.separator.join(m["content"] for m in messages))
+
+    def observation(self, observation: str, reply_ids: list[int]) -> list[int]:
+        return self.encode(self.separator + observation)
+
+
 def format_instruction(action_format: str, tag: str) -> str:
     """The line appended to the system prompt that tells the model how to write an action."""
     if action_format == "tag":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from rollmill.agent.chat import ChatFormat, format_instruction, parse_action, stop_strings
+from rollmill.agent.chat import ChatFormat, PlainFormat, format_instruction, parse_action, stop_strings
 from rollmill.agent.env_calls import CallResult, call_all
 from rollmill.agent.trajectory import Row, Trajectory, Turn
 from rollmill.config import AgentConfig
@@ -28,14 +28,17 @@ class AgentLoop:
 
     def __init__(self, engine, tokenizer, cfg: AgentConfig, sampling: SamplingParams, step_timeout_s: float = 30.0):
         self.engine = engine
-        self.chat = ChatFormat(tokenizer)
+        self.chat = ChatFormat(tokenizer) if cfg.chat_template else PlainFormat(tokenizer)
         self.cfg = cfg
         self.sampling = replace(sampling, n=1, stop=tuple(sampling.stop) + stop_strings(cfg.action_format, cfg.action_tag))
         self.timeout = step_timeout_s
         self.format_line = format_instruction(cfg.action_format, cfg.action_tag)
 
     def system_prompt(self, env: Env) -> str:
-        return f"{self.cfg.system_prompt or env.instructions}\n{self.format_line}"
+        """The env's instructions (or the configured prompt) and the action-format line; may be empty."""
+        text = env.instructions if self.cfg.system_prompt is None else self.cfg.system_prompt
+        lines = [text] + ([self.format_line] if self.cfg.format_hint else [])
+        return "\n".join(line for line in lines if line)
 
     def play(self, envs: list[Env], seeds: list[int], group_ids: list[int], seed: int, env_name: str = "") -> list[Trajectory]:
         """One episode per env (reset with its seed); returns them in the same order."""
@@ -73,11 +76,12 @@ class AgentLoop:
 
     def _messages(self, traj: Trajectory, turn: int) -> list[dict]:
         """The conversation the model sees before `turn`, under the context policy."""
-        messages = [{"role": "system", "content": traj.info["system"]}, {"role": "user", "content": traj.initial_observation}]
+        system = [{"role": "system", "content": traj.info["system"]}] if traj.info["system"] else []
+        messages = [*system, {"role": "user", "content": traj.initial_observation}]
         history = traj.turns[:turn]
         keep_from = 0 if self.cfg.context == "keep_all" else max(0, len(history) - self.cfg.window_turns)
         if self.cfg.context == "sliding_window" and keep_from > 0:
-            messages = [messages[0], {"role": "user", "content": history[keep_from - 1].observation}]
+            messages = [*system, {"role": "user", "content": history[keep_from - 1].observation}]
         for k, t in enumerate(history):
             if self.cfg.context == "sliding_window" and k < keep_from:
                 continue

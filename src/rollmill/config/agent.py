@@ -33,6 +33,7 @@ class AgentConfig(Strict):
     """The multi-turn loop: action format, turn and context limits, invalid actions, credit assignment."""
 
     max_turns: int = Field(8, gt=0)
+    chat_template: bool = Field(True, description="format turns with the tokenizer's chat template; False = plain transcript")
     max_context_tokens: int = Field(2048, gt=0, description="prompt + reply budget of one generation")
     context: Literal["keep_all", "sliding_window", "truncate_observations"] = Field(
         "keep_all", description="what the model sees of earlier turns")
@@ -41,7 +42,8 @@ class AgentConfig(Strict):
         "tag", description="tag: <action>..</action>; json: <tool_call>{..}</tool_call>; raw: the whole reply")
     action_tag: str = Field("action", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
     invalid_action_penalty: float = Field(-0.1, le=0.0, description="added to the reward of a turn whose action is invalid")
-    system_prompt: str | None = Field(None, description="replaces the env's instructions; the action format line is appended")
+    system_prompt: str | None = Field(None, description="replaces the env's instructions ('' = no system message)")
+    format_hint: bool = Field(True, description="append a line saying how to write an action to the system prompt")
     credit: Literal["starpo", "gigpo", "ipa", "turning_point"] = Field(
         "starpo", description="trajectory-wise (StarPO), step-wise (GiGPO), chunk-level (IPA) or TurningPoint")
     gamma: float = Field(0.95, gt=0.0, le=1.0, description="per-turn discount (GiGPO step returns, IPA chunk returns)")

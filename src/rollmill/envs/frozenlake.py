@@ -69,15 +69,19 @@ class FrozenLakeEnv:
     """
 
     def __init__(self, size: int = 4, slippery: bool = False, map: str = "standard", max_steps: int | None = None,
-                 show_position: bool = True):
+                 view: str = "grid"):
         if map not in ("standard", "random"):
             raise ValueError(f"frozenlake map must be 'standard' or 'random', got {map!r}")
         if map == "standard" and size not in STANDARD_MAPS:
             raise ValueError(f"frozenlake standard maps are {sorted(STANDARD_MAPS)} wide, not {size}; use map='random'")
+        if view not in ("grid", "cell"):
+            raise ValueError(f"frozenlake view must be 'grid' or 'cell', got {view!r}")
+        if view == "cell" and size * size > 26:
+            raise ValueError(f"frozenlake view 'cell' names cells A-Z, so size must be at most 5, not {size}")
         if size < 2:
             raise ValueError(f"frozenlake size must be at least 2, got {size}")
         self.size, self.slippery, self.map, self.max_steps = size, slippery, map, max_steps
-        self.show_position = show_position
+        self.view = view
         self.instructions = (
             "You are P on a frozen lake drawn as a grid, one row per line: _ is frozen ice, O is a hole, "
             "G is the goal. Reach G without stepping into a hole; moving into the edge leaves you in place."
@@ -122,15 +126,18 @@ class FrozenLakeEnv:
         return self.render(), float(success), terminated, truncated and not terminated, info
 
     def render(self) -> str:
-        """The board, one row per line, with P on the player's tile (and the position in words)."""
+        """view "grid": the board, one row per line, with P on the player's tile, and the position in
+        words. view "cell": one letter naming the player's cell (A = top left, row by row), the
+        tabular view, with which a tiny model trained from scratch can tell states apart."""
+        if self.view == "cell":
+            return chr(ord("A") + self.pos[0] * self.size + self.pos[1])
         lines = []
         for r, row in enumerate(self.rows):
             chars = [TILE_CHARS[tile] for tile in row]
             if r == self.pos[0]:
                 chars[self.pos[1]] = "P"
             lines.append("".join(chars))
-        if self.show_position:  # LLMs (and tiny models) read a stated position far more easily than a grid
-            lines.append(f"You are at row {self.pos[0] + 1}, column {self.pos[1] + 1}.")
+        lines.append(f"You are at row {self.pos[0] + 1}, column {self.pos[1] + 1}.")
         return "\n".join(lines)
 
     def state(self) -> str:

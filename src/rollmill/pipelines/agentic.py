@@ -54,15 +54,7 @@ class AgenticPipeline(BasePipeline):
         """Env seeds are a function of the step: nothing to restore."""
 
     def _held_out(self) -> dict:
-        cfg = self.cfg
-        eval_sampling = sampling_params(cfg.rollout.sampling, n=1, temperature=cfg.eval.temperature,
-                                        max_new_tokens=cfg.eval.max_new_tokens)
-        loop = AgentLoop(self.engine, self.tokenizer, cfg.agent, eval_sampling, step_timeout_s=cfg.env.step_timeout_s)
-        seeds = [EVAL_SEED_BASE + i for i in range(cfg.env.eval_episodes)]
-        trajs = loop.play(self.eval_envs, seeds, list(range(len(seeds))), seed=step_seed(cfg.train.seed, -1),
-                          env_name=cfg.env.name)
-        return {f"eval/{k.split('/')[-1]}": v for k, v in episode_metrics(trajs).items()
-                if k in ("episode/success", "episode/reward", "episode/turns", "episode/invalid_rate", "episode/failed")}
+        return evaluate_episodes(self.engine, self.tokenizer, self.cfg, self.eval_envs)
 
     def rollout_and_train(self) -> dict:
         cfg = self.cfg
@@ -107,6 +99,19 @@ class AgenticPipeline(BasePipeline):
         self._all_failed_streak = self._all_failed_streak + 1 if all_failed else 0
         if self._all_failed_streak >= self.cfg.reward.max_all_failed_steps:
             raise RuntimeError(f"every episode failed for {self._all_failed_streak} steps in a row; see the log")
+
+
+def evaluate_episodes(engine, tokenizer, cfg, envs=None, temperature: float | None = None) -> dict[str, float]:
+    """Held-out episodes (one per eval seed, never trained on) at the eval temperature (0 = greedy):
+    eval/success, eval/reward, eval/turns, eval/invalid_rate, eval/failed."""
+    envs = envs or [make_env(cfg.env.name, **cfg.env.kwargs) for _ in range(cfg.env.eval_episodes)]
+    temperature = cfg.eval.temperature if temperature is None else temperature
+    sampling = sampling_params(cfg.rollout.sampling, n=1, temperature=temperature, max_new_tokens=cfg.eval.max_new_tokens)
+    loop = AgentLoop(engine, tokenizer, cfg.agent, sampling, step_timeout_s=cfg.env.step_timeout_s)
+    seeds = [EVAL_SEED_BASE + i for i in range(len(envs))]
+    trajs = loop.play(envs, seeds, list(range(len(seeds))), seed=step_seed(cfg.train.seed, -1), env_name=cfg.env.name)
+    return {f"eval/{k.split('/')[-1]}": v for k, v in episode_metrics(trajs).items()
+            if k in ("episode/success", "episode/reward", "episode/turns", "episode/invalid_rate", "episode/failed")}
 
 
 def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:

@@ -2,5 +2,6 @@
 
 from rollmill.track.metrics import RunLogger, deterministic_metrics, read_jsonl
 from rollmill.track.plot import plot_run
+from rollmill.track.show import format_samples
 
-__all__ = ["RunLogger", "deterministic_metrics", "plot_run", "read_jsonl"]
+__all__ = ["RunLogger", "deterministic_metrics", "format_samples", "plot_run", "read_jsonl"]
