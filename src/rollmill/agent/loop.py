@@ -42,10 +42,11 @@ class AgentLoop:
 
     def play(self, envs: list[Env], seeds: list[int], group_ids: list[int], seed: int, env_name: str = "") -> list[Trajectory]:
         """One episode per env (reset with its seed); returns them in the same order."""
-        trajs = [self._start(env, s, g, res, env_name)
-                 for env, s, g, res in zip(envs, seeds, group_ids, call_all([(e.reset, (s,)) for e, s in zip(envs, seeds)], self.timeout))]
+        resets = call_all([(env.reset, (s,)) for env, s in zip(envs, seeds)], self.timeout)
+        trajs = [self._start(env, s, g, r, env_name) for env, s, g, r in zip(envs, seeds, group_ids, resets)]
         for turn in range(self.cfg.max_turns):
-            live = [i for i, t in enumerate(trajs) if t.end_reason == "running" and self._prepare_context(t, envs[i], turn)]
+            running = [i for i, t in enumerate(trajs) if t.end_reason == "running"]
+            live = [i for i in running if self._prepare_context(trajs[i], turn)]
             if not live:
                 break
             contexts = [trajs[i].rows[-1].context for i in live]
@@ -90,7 +91,7 @@ class AgentLoop:
             messages.append({"role": "user", "content": OMITTED if omit else t.observation})
         return messages
 
-    def _prepare_context(self, traj: Trajectory, env: Env, turn: int) -> bool:
+    def _prepare_context(self, traj: Trajectory, turn: int) -> bool:
         """Extend (or, when the context policy drops history, restart) the episode's row; False if it no longer fits."""
         if turn > 0:
             drops_from = {"keep_all": None, "sliding_window": 1, "truncate_observations": 2}[self.cfg.context]
