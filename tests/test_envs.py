@@ -198,6 +198,8 @@ def test_guess_number_binary_search_and_intervals():
     secret = env.secret
     obs, _, _, _, info = env.step("no idea")
     assert info["invalid_action"] and info["state"] == "1-16"
+    obs, _, _, _, info = env.step("1 2 3 4")  # one guess per turn, not a list
+    assert info["invalid_action"] and obs == "Invalid action: reply with exactly one integer." and env.guesses == 0
     out_of_range = 100 if secret < 100 else 0
     _, _, _, _, info = env.step(str(out_of_range))
     assert info["state"] == "1-16"

@@ -31,7 +31,8 @@ heart heavy horse hotel house human humor ideal image index inner input issue jo
 class GuessNumberEnv:
     """Guess a secret integer in [low, high]; each guess is answered "higher", "lower" or "correct".
 
-    info state is the interval "lo-hi" still consistent with the hints. With max_guesses set, the
+    A reply must hold exactly one integer (words around it are fine); anything else is an invalid
+    action. info state is the interval "lo-hi" still consistent with the hints. With max_guesses set, the
     episode ends (unsolved) after that many guesses.
     """
 
@@ -56,11 +57,11 @@ class GuessNumberEnv:
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
         if self.done:
             raise RuntimeError("guess_number episode is over; call reset()")
-        match = INTEGER.search(action)
-        if match is None:
+        found = INTEGER.findall(action)
+        if len(found) != 1:  # several numbers would be several guesses for the price of one
             info = {"state": self.state(), "success": False, "invalid_action": True, "progress": self.progress(False)}
-            return "Invalid action: reply with an integer.", 0.0, False, False, info
-        guess = int(match.group())
+            return "Invalid action: reply with exactly one integer.", 0.0, False, False, info
+        guess = int(found[0])
         self.guesses += 1
         success = guess == self.secret
         if success:
