@@ -134,3 +134,14 @@ def test_rlvr_samples_print_prompt_answer_and_completion():
                             "correct": True, "finish_reason": "stop"}])
     assert text.splitlines() == ["--- step 3  reward +1.000  (stop)", "prompt:     1+1?", "answer:     2",
                                  "completion: 2!"]
+
+
+def test_cli_eval_and_samples_on_an_agentic_run(agentic, tmp_path, capsys):
+    from rollmill.cli import main
+
+    train(agentic(train={"steps": 1}), tmp_path / "run")
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "4 held-out frozenlake episodes: success=" in out and "step_000001" in out
+    assert main(["samples", str(tmp_path / "run")]) == 0
+    assert "--- step 1  seed" in capsys.readouterr().out
