@@ -99,9 +99,8 @@ class AgentLoop:
             if rewrites:
                 traj.rows.append(Row(self.chat.prompt(self._messages(traj, turn))))
             else:
-                row = traj.rows[-1]
-                last_reply = [t for t, m in zip(row.token_ids, row.mask) if m][-1:] if row.mask else []
-                row.append(self.chat.observation(traj.turns[-1].observation, last_reply))
+                row = traj.rows[-1]  # it ends with the previous reply: observations are appended only here
+                row.append(self.chat.observation(traj.turns[-1].observation, row.token_ids[-1:]))
         if len(traj.rows[-1].context) + self.sampling.max_new_tokens > self.cfg.max_context_tokens:
             traj.truncated, traj.end_reason = True, "context"
             return False

@@ -24,27 +24,31 @@ def turn_advantages(trajs: list[Trajectory], agent: AgentConfig, scalar: Advanta
                     group_size: int) -> list[torch.Tensor]:
     """One 1-D tensor per trajectory holding one advantage per turn."""
     groups = [t.group_id for t in trajs]
-    # outcome-based rules (IPA, TurningPoint) see nothing of malformed replies: their penalty is
-    # added to that turn's value, as an immediate reward
-    penalties = [torch.tensor([agent.invalid_action_penalty * turn.invalid for turn in t.turns]) for t in trajs]
-    rewards = [torch.tensor([turn.reward for turn in t.turns], dtype=torch.float32) for t in trajs]
     if agent.credit == "starpo":
         scores = torch.tensor([t.reward for t in trajs], dtype=torch.float32).view(-1, group_size)
         per_episode = scalar(scores, torch.ones(len(trajs), 1)).reshape(len(trajs), -1)[:, 0]
         return [torch.full((t.num_turns,), float(a)) for t, a in zip(trajs, per_episode)]
     if agent.credit == "gigpo":
+        rewards = [torch.tensor([turn.reward for turn in t.turns], dtype=torch.float32) for t in trajs]
         states = [[turn.state for turn in t.turns] for t in trajs]
         return gigpo_advantages(rewards, states, groups, gamma=agent.gamma, step_weight=agent.gigpo_step_weight,
                                 scale_by_std=agent.gigpo_scale_by_std)
     if agent.credit == "ipa":
         returns = ipa_chunk_returns([t.num_turns for t in trajs], [t.reward for t in trajs], [t.success for t in trajs],
                                     gamma=agent.gamma, failure_reward=agent.ipa_failure_reward)
-        return [r + p for r, p in zip(returns, penalties)]
+        return _with_penalties(returns, trajs, agent)
     values = [progress_values(t) for t in trajs]
     step_rewards, flags = map(list, zip(*(turning_point_rewards(v, eta=agent.tp_eta) for v in values)))
     if agent.tp_balance:
         step_rewards, flags = balance_turning_points(step_rewards, flags, values)
-    return per_step_group_advantages([r + p for r, p in zip(step_rewards, penalties)], groups)
+    return per_step_group_advantages(_with_penalties(step_rewards, trajs, agent), groups)
+
+
+def _with_penalties(values: list[torch.Tensor], trajs: list[Trajectory], agent: AgentConfig) -> list[torch.Tensor]:
+    """Outcome- and progress-based rules (IPA, TurningPoint) see nothing of malformed replies: each
+    invalid turn's penalty is added to that turn's value, as an immediate reward."""
+    return [v + torch.tensor([agent.invalid_action_penalty * turn.invalid for turn in t.turns])
+            for v, t in zip(values, trajs)]
 
 
 def progress_values(traj: Trajectory) -> list[float]:
