@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rollmill.config import ConfigError, RunConfig, load_config
+from rollmill.sandbox.cli import add_sandbox_parser
 
 log = logging.getLogger("rollmill")
 
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="write RUN_DIR/curves.png")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_plot)
+
+    add_sandbox_parser(sub)
     return parser
 
 

@@ -1,0 +1,280 @@
+"""The default backend: bubblewrap namespaces + cgroup v1 limits + a copy-on-write workspace.
+
+Each `exec` is one `bwrap --unshare-all --die-with-parent --cap-drop ALL` process over the sandbox's
+persistent filesystem: killing it kills its whole PID namespace, daemonised grandchildren included,
+so no command outlives its exec. Files persist between execs; processes do not. Nothing of ours
+runs inside the sandbox.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rollmill.sandbox.capture import RawRun, run_capped
+from rollmill.sandbox.cgroup import Cgroup, cgroups_available, leftover_cgroups
+from rollmill.sandbox.mounts import SandboxFS, mounts_under, remove_tree
+from rollmill.sandbox.spec import (ExecResult, SandboxError, SandboxSpec, SandboxStats, Status)
+
+log = logging.getLogger(__name__)
+DEFAULT_ROOT = Path("/var/tmp/rollmill-sandboxes")
+SYSTEM_LINKS = {"/bin": "usr/bin", "/lib": "usr/lib", "/lib64": "usr/lib64", "/sbin": "usr/sbin"}
+MASKED = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers")
+BASE_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+
+
+@dataclass
+class _Sandbox:
+    id: str
+    spec: SandboxSpec
+    fs: SandboxFS
+    cgroup: Cgroup | None
+    created: float = field(default_factory=time.monotonic)
+    execs: int = 0
+    oom_kills_before: int = 0
+
+
+class BwrapBackend:
+    """Sandboxes under `root` (one size-capped tmpfs each), limits from cgroup v1 when writable.
+
+    Without cgroups the memory, pids and cpu limits cannot be enforced: the backend says so once
+    and carries on with the namespace isolation alone.
+    """
+
+    name = "bwrap"
+
+    def __init__(self, root: str | Path = DEFAULT_ROOT, bwrap: str | None = None, sweep: bool = True):
+        self.bwrap = bwrap or shutil.which("bwrap")
+        if self.bwrap is None:
+            raise SandboxError("bubblewrap is not installed (Debian: apt-get install bubblewrap)",
+                               Status.INFRA_ERROR)
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.use_cgroups = cgroups_available()
+        if not self.use_cgroups:
+            log.warning("cgroup v1 is not writable here: sandbox memory/pids/cpu limits are NOT enforced")
+        self._sandboxes: dict[str, _Sandbox] = {}
+        self._lock = threading.Lock()
+        if sweep:
+            removed = self.sweep()
+            if removed:
+                log.info("sandbox sweep removed %d leftovers of dead processes under %s", removed, self.root)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def create(self, spec: SandboxSpec, sandbox_id: str | None = None) -> str:
+        sandbox_id = sandbox_id or f"sb-{uuid.uuid4().hex[:12]}"
+        _check_id(sandbox_id)
+        with self._lock:
+            if sandbox_id in self._sandboxes:
+                return sandbox_id
+            if spec.workspace is not None and not Path(spec.workspace).is_dir():
+                raise SandboxError(f"spec.workspace {spec.workspace!r} is not a directory")
+            box = _Sandbox(sandbox_id, spec, SandboxFS(self.root / sandbox_id, spec.workspace,
+                                                        len(spec.scratch_dirs)),
+                           Cgroup(sandbox_id) if self.use_cgroups else None)
+            self._sandboxes[sandbox_id] = box
+        try:
+            self._owner_file(sandbox_id).write_text(json.dumps({"pid": os.getpid(), "boot": _proc_start(os.getpid())}))
+            box.fs.create(spec.disk_bytes)
+            if box.cgroup is not None:
+                box.cgroup.create(spec.memory_bytes, spec.pids, spec.cpus)
+        except OSError as e:
+            self.destroy(sandbox_id)
+            raise SandboxError(f"sandbox {sandbox_id}: create failed: {e}", Status.INFRA_ERROR) from e
+        if spec.network == "host":
+            log.warning("sandbox %s shares the host network (spec.network='host')", sandbox_id)
+        return sandbox_id
+
+    def destroy(self, sandbox_id: str) -> None:
+        with self._lock:
+            box = self._sandboxes.pop(sandbox_id, None)
+        cgroup = box.cgroup if box else (Cgroup(sandbox_id) if self.use_cgroups else None)
+        if cgroup is not None:
+            cgroup.remove()
+        remove_tree(self.root / sandbox_id)
+        self._owner_file(sandbox_id).unlink(missing_ok=True)
+
+    def reset(self, sandbox_id: str) -> None:
+        box = self._get(sandbox_id)
+        if box.cgroup is not None:
+            box.cgroup.kill_all()
+        try:
+            box.fs.reset()
+        except OSError as e:
+            raise SandboxError(f"sandbox {sandbox_id}: reset failed: {e}", Status.INFRA_ERROR) from e
+
+    def list(self) -> list[str]:
+        with self._lock:
+            return sorted(self._sandboxes)
+
+    def sweep(self) -> int:
+        """Remove sandboxes whose owning process is dead (crashed runs), and their cgroups."""
+        removed = 0
+        live_owned = set(self._sandboxes)
+        candidates = {p.name for p in self.root.iterdir() if p.is_dir()} | {
+            p.name[: -len(".owner")] for p in self.root.glob("*.owner")}
+        if self.use_cgroups:
+            candidates |= leftover_cgroups()
+        for sid in sorted(candidates - live_owned):
+            if self._owner_alive(sid):
+                continue
+            if self.use_cgroups:
+                Cgroup(sid).remove()
+            remove_tree(self.root / sid)
+            self._owner_file(sid).unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def close(self) -> None:
+        """Destroy every sandbox this backend holds."""
+        for sid in self.list():
+            self.destroy(sid)
+
+    # -- commands ------------------------------------------------------------------------------
+    def exec(self, sandbox_id, argv=None, *, script=None, timeout_s=None, cwd=None, env=None,
+             stdin=None, max_output_bytes=None) -> ExecResult:
+        if (argv is None) == (script is None):
+            raise SandboxError("exec needs exactly one of argv or script")
+        box = self._get(sandbox_id)
+        spec = box.spec
+        command = list(argv) if argv is not None else ["/bin/bash", "-c", script]
+        timeout = spec.exec_timeout_s if timeout_s is None else timeout_s
+        run = self._run(box, command, timeout, cwd, env, stdin, max_output_bytes or spec.max_output_bytes)
+        if isinstance(run, ExecResult):
+            return run
+        return ExecResult(
+            status=self._status(box, run), exit_code=run.exit_code,
+            stdout=run.stdout.decode(errors="replace"), stderr=run.stderr.decode(errors="replace"),
+            duration_s=run.duration_s, truncated=run.truncated, output_bytes=run.output_bytes,
+            limit="exec_timeout" if run.timed_out else None,
+        )
+
+    def put(self, sandbox_id: str, path: str, data: bytes) -> None:
+        box = self._get(sandbox_id)
+        if len(data) > box.spec.max_file_bytes:
+            raise SandboxError(f"put {path}: {len(data)} bytes is over max_file_bytes={box.spec.max_file_bytes}")
+        write = 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"'
+        run = self._run(box, ["/bin/sh", "-c", write, "put", path], box.spec.exec_timeout_s, None, None, data, 4096)
+        if isinstance(run, ExecResult) or run.exit_code != 0 or run.timed_out:
+            raise SandboxError(f"put {path}: {_why(run)}")
+
+    def get(self, sandbox_id: str, path: str) -> bytes:
+        box = self._get(sandbox_id)
+        limit = box.spec.max_file_bytes
+        read = f'test -f "$1" || {{ echo "no such file" >&2; exit 2; }}; head -c {limit + 1} -- "$1"'
+        run = self._run(box, ["/bin/sh", "-c", read, "get", path], box.spec.exec_timeout_s, None, None, None,
+                        2 * limit + 2)
+        if isinstance(run, ExecResult) or run.exit_code != 0 or run.timed_out:
+            raise SandboxError(f"get {path}: {_why(run)}")
+        if len(run.stdout) > limit:
+            raise SandboxError(f"get {path}: file is over max_file_bytes={limit}")
+        return run.stdout
+
+    def stats(self, sandbox_id: str) -> SandboxStats:
+        box = self._get(sandbox_id)
+        measured = box.cgroup.stats() if box.cgroup is not None else {}
+        return SandboxStats(**measured, disk_used_bytes=box.fs.disk_used(), execs=box.execs,
+                            age_s=time.monotonic() - box.created)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _run(self, box: _Sandbox, command, timeout, cwd, env, stdin, max_output) -> RawRun | ExecResult:
+        argv = self.bwrap_argv(box, command, cwd, env)
+        if box.cgroup is not None:
+            argv = ["/bin/sh", "-c", JOIN_CGROUPS, "join", *box.cgroup.procs_files(), "--", *argv]
+        box.execs += 1
+        box.oom_kills_before = box.cgroup.oom_kills() if box.cgroup is not None else 0
+        try:
+            run = run_capped(argv, timeout_s=timeout, max_output_bytes=max_output, stdin=stdin, env={})
+        except OSError as e:
+            return ExecResult(Status.INFRA_ERROR, None, message=f"could not start bwrap: {e}")
+        # bwrap reports its own setup failures as "bwrap: ..." with exit 1; the cgroup join exits 125
+        if (run.exit_code == 1 and run.stderr.startswith(b"bwrap: ")) or (run.exit_code == 125 and not run.stdout):
+            return ExecResult(Status.INFRA_ERROR, run.exit_code, stderr=run.stderr.decode(errors="replace"),
+                              message="the sandbox could not start the command")
+        return run
+
+    def bwrap_argv(self, box: _Sandbox, command: list[str], cwd: str | None, env: dict | None) -> list[str]:
+        """The bwrap command line for one exec (public so users can see exactly what runs)."""
+        spec = box.spec
+        argv = [self.bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+                "--clearenv", "--ro-bind", "/usr", "/usr"]
+        if spec.network == "host":
+            argv.append("--share-net")
+        for link, target in SYSTEM_LINKS.items():
+            argv += ["--symlink", target, link]
+        argv += ["--ro-bind", "/etc", "/etc"]
+        for masked in MASKED:
+            if os.path.exists(masked):
+                argv += ["--ro-bind", "/dev/null", masked]
+        argv += ["--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys", "--dev", "/dev",
+                 "--bind", str(box.fs.merged), spec.workdir]
+        for source, target in zip(box.fs.scratch, spec.scratch_dirs):
+            argv += ["--bind", str(source), target]
+        for m in spec.mounts:
+            argv += ["--bind" if m.writable else "--ro-bind", m.source, m.target]
+        if spec.uid != 0:
+            argv += ["--unshare-user", "--uid", str(spec.uid), "--gid", str(spec.uid)]
+        variables = {"PATH": BASE_PATH, "HOME": spec.workdir, "LANG": "C.UTF-8", **spec.env, **(env or {})}
+        for key, value in variables.items():
+            argv += ["--setenv", key, value]
+        # the root itself is bwrap's tmpfs: read-only, so writes land only in capped, listed places
+        argv += ["--remount-ro", "/", "--chdir", cwd or spec.workdir, "--", *command]
+        return argv
+
+    def _status(self, box: _Sandbox, run: RawRun) -> Status:
+        if run.timed_out:
+            return Status.TIMEOUT
+        if box.cgroup is not None and run.exit_code in (137, -9) and box.cgroup.oom_kills() > box.oom_kills_before:
+            return Status.OOM
+        return Status.OK
+
+    def _get(self, sandbox_id: str) -> _Sandbox:
+        with self._lock:
+            box = self._sandboxes.get(sandbox_id)
+        if box is None:
+            raise SandboxError(f"unknown sandbox {sandbox_id!r}")
+        return box
+
+    def _owner_file(self, sandbox_id: str) -> Path:
+        return self.root / f"{sandbox_id}.owner"
+
+    def _owner_alive(self, sandbox_id: str) -> bool:
+        try:
+            owner = json.loads(self._owner_file(sandbox_id).read_text())
+        except (OSError, ValueError):
+            return False
+        return _proc_start(owner["pid"]) == owner["boot"]
+
+
+def _check_id(sandbox_id: str) -> None:
+    if not sandbox_id or len(sandbox_id) > 64 or not all(c.isalnum() or c in "-_." for c in sandbox_id) \
+            or sandbox_id.startswith("."):
+        raise SandboxError(f"bad sandbox id {sandbox_id!r}: use 1-64 letters, digits, '-', '_' or '.'")
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks: a reused pid has another one."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _why(run) -> str:
+    if isinstance(run, ExecResult):
+        return run.message or run.stderr
+    if run.timed_out:
+        return "timed out"
+    return run.stderr.decode(errors="replace").strip() or f"exit code {run.exit_code}"
+
+
+__all__ = ["BwrapBackend", "DEFAULT_ROOT", "mounts_under"]
