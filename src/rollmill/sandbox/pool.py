@@ -27,6 +27,7 @@ class Lease:
     pool: "SandboxPool"
     id: str
     deadline: float
+    spec: SandboxSpec
 
     def exec(self, argv: list[str] | None = None, **kwargs) -> ExecResult:
         return self.pool.backend.exec(self._live(), argv, **kwargs)
@@ -95,7 +96,7 @@ class SandboxPool:
                 if self._closed:
                     raise SandboxError("sandbox pool is closed", Status.INFRA_ERROR)
                 sid = None
-            lease = Lease(self, sid or "", time.monotonic() + ttl)
+            lease = Lease(self, sid or "", time.monotonic() + ttl, spec)
             if sid is not None:
                 self._leases[sid] = lease
                 return lease
@@ -116,7 +117,7 @@ class SandboxPool:
             if self._leases.get(lease.id) is not lease:
                 return
             del self._leases[lease.id]
-            keep = len(self._warm) < self.warm_target and not self._closed
+            keep = lease.spec == self.warm_spec and len(self._warm) < self.warm_target and not self._closed
         if keep and self._reset_ok(lease.id):
             with self._cond:
                 self._warm.append(lease.id)
