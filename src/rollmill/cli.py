@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rollmill.config import ConfigError, RunConfig, load_config
 from rollmill.sandbox.cli import add_sandbox_parser
+from rollmill.terminal import add_tasks_parser
 
 log = logging.getLogger("rollmill")
 
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     add_sandbox_parser(sub)
+    add_tasks_parser(sub)
     return parser
 
 

@@ -1,0 +1,154 @@
+"""The terminal env: an agent solves a shell task in a sandbox with four tools, and the task's
+verifier decides the reward.
+
+One timeout hierarchy, each limit named in `info["limit"]` when it fires:
+command_timeout (one bash call) < agent_timeout (the task's [agent] budget since reset) and
+max_steps (tool calls); when either of the last two ends the episode, the verifier still runs and
+its reward is kept. The verifier has its own [verifier] timeout ("verifier_timeout").
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import re
+import time
+from typing import Any
+
+from rollmill.envs.base import register_env
+from rollmill.sandbox import SandboxError, make_backend
+from rollmill.terminal.task import TerminalTask, builtin_tasks_dir, load_tasks, start_task, verify
+
+TOOLS = """You are working in a Linux shell sandbox (no network); your files are in /workspace.
+Call exactly one tool per reply:
+  bash: <command>            run a shell command in /workspace (each call is a fresh shell)
+  read_file: <path>          print a file
+  write_file: <path>         followed by the file's content on the next lines
+  finish                     you are done; your work is checked"""
+# a call may follow some prose: it starts at the first line that begins with a tool name
+CALL = re.compile(r"^[ \t]*(bash|read_file|write_file|finish)\b[ \t]*:?[ \t]*(.*)", re.DOTALL | re.MULTILINE)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_backend(name: str):
+    """One backend per process and name, shared by every env instance, closed at exit."""
+    backend = make_backend(name)
+    atexit.register(backend.close)
+    return backend
+
+
+def parse_tool_call(text: str) -> tuple[str, str, str] | None:
+    """(tool, argument, content) from `tool: argument` text or {"name", "arguments"} JSON, else None."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            call = json.loads(text)
+            name, args = call.get("name") or call.get("tool"), call.get("arguments") or call.get("args") or {}
+            if isinstance(args, str):
+                args = json.loads(args)
+        except (ValueError, AttributeError):
+            return None
+        if name == "bash" and isinstance(args.get("command"), str):
+            return "bash", args["command"], ""
+        if name in ("read_file", "write_file") and isinstance(args.get("path"), str):
+            return name, args["path"], str(args.get("content", ""))
+        return ("finish", "", "") if name == "finish" else None
+    match = CALL.search(text)
+    if match is None:
+        return None
+    tool, rest = match.group(1), match.group(2)
+    if tool == "write_file":
+        path, _, content = rest.partition("\n")
+        return (tool, path.strip(), content) if path.strip() else None
+    if tool in ("bash", "read_file") and not rest.strip():
+        return None
+    return tool, rest.strip(), ""
+
+
+def clip(text: str, limit: int) -> str:
+    """Head and tail of a long text, with a note of what was cut."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n[... {len(text) - limit} characters cut ...]\n{text[-half:]}"
+
+
+@register_env("terminal", "shell tasks (Harbor layout) in a sandbox: bash/read_file/write_file/finish; reward from the task's verifier")
+class TerminalEnv:
+    """`reset(seed)` starts task `seed % len(tasks)` in a fresh sandbox (the previous one is destroyed)."""
+
+    instructions = TOOLS
+
+    def __init__(self, tasks: str | None = None, names: list[str] | None = None, backend: str = "bwrap",
+                 max_steps: int = 8, command_timeout_s: float = 10.0, agent_timeout_s: float | None = None,
+                 observation_chars: int = 1500):
+        self.tasks: list[TerminalTask] = load_tasks(tasks or builtin_tasks_dir())
+        if names is not None:
+            unknown = sorted(set(names) - {t.name for t in self.tasks})
+            if unknown:
+                raise ValueError(f"unknown terminal tasks {unknown}; allowed: {[t.name for t in self.tasks]}")
+            self.tasks = [t for t in self.tasks if t.name in names]
+        if not self.tasks:
+            raise ValueError(f"no terminal tasks in {tasks or builtin_tasks_dir()}")
+        self.backend_name = backend
+        self.max_steps, self.command_timeout_s = max_steps, command_timeout_s
+        self.agent_timeout_s, self.observation_chars = agent_timeout_s, observation_chars
+        self.sandbox_id: str | None = None
+        self.task: TerminalTask | None = None
+
+    @property
+    def backend(self):
+        return shared_backend(self.backend_name)
+
+    def reset(self, seed: int | None = None) -> tuple[str, dict[str, Any]]:
+        self.close()
+        self.task = self.tasks[(seed or 0) % len(self.tasks)]
+        self.sandbox_id = start_task(self.backend, self.task)
+        self.steps, self.started = 0, time.monotonic()
+        return self.task.instruction.strip(), {"state": (self.task.name, 0), "success": False, "task": self.task.name}
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        if self.sandbox_id is None:
+            raise RuntimeError("step() before reset()")
+        self.steps += 1
+        call = parse_tool_call(action)
+        info: dict[str, Any] = {"state": (self.task.name, self.steps), "invalid_action": call is None}
+        if call is not None and call[0] == "finish":
+            return self._finish("", info, limit=None)
+        obs = "Unknown tool call. " + TOOLS.split("\n", 1)[1] if call is None else self._run_tool(*call)
+        budget = self.agent_timeout_s or self.task.agent_timeout_s
+        if time.monotonic() - self.started > budget:
+            return self._finish(obs, info, limit="agent_timeout")
+        if self.steps >= self.max_steps:
+            return self._finish(obs, info, limit="max_steps")
+        return obs, 0.0, False, False, {**info, "success": False}
+
+    def _run_tool(self, tool: str, argument: str, content: str) -> str:
+        sid, limit = self.sandbox_id, self.observation_chars
+        try:
+            if tool == "read_file":
+                return clip(self.backend.get(sid, argument).decode(errors="replace"), limit)
+            if tool == "write_file":
+                self.backend.put(sid, argument, content.encode())
+                return f"wrote {len(content.encode())} bytes to {argument}"
+        except SandboxError as e:
+            return f"error: {e}"
+        result = self.backend.exec(sid, script=argument, timeout_s=self.command_timeout_s)
+        output = clip(result.stdout + result.stderr, limit)
+        if result.status.value == "timeout":
+            return f"{output}\n[command_timeout: killed after {self.command_timeout_s:g}s]"
+        return f"{output}\n[exit code {result.exit_code}]" if output else f"[exit code {result.exit_code}]"
+
+    def _finish(self, obs: str, info: dict, limit: str | None):
+        verdict = verify(self.backend, self.sandbox_id, self.task)
+        info = {**info, "success": verdict.reward >= 1.0, "limit": limit or verdict.limit,
+                "verifier_status": verdict.status.value, "verifier_reward": verdict.reward}
+        note = f"[{limit}] " if limit else ""
+        return f"{obs}\n{note}verifier reward: {verdict.reward:g}".strip(), verdict.reward, limit is None, \
+            limit is not None, info
+
+    def close(self) -> None:
+        if self.sandbox_id is not None:
+            self.backend.destroy(self.sandbox_id)
+            self.sandbox_id = None

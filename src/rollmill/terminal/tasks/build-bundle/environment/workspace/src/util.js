@@ -1,0 +1,1 @@
+function price(n) { return n * 2; }

@@ -1,0 +1,3 @@
+#!/bin/bash
+chmod 755 deploy.sh
+chmod 600 secret.key

@@ -1,0 +1,3 @@
+#!/bin/bash
+mkdir -p project/src project/tests project/docs
+echo "# project" > project/README.md

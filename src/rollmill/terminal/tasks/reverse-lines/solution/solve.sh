@@ -1,0 +1,2 @@
+#!/bin/bash
+tac input.txt > reversed.txt

@@ -1,0 +1,2 @@
+#!/bin/bash
+sort -n -u numbers.txt > sorted.txt

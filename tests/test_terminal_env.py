@@ -1,0 +1,115 @@
+"""The terminal env: tool parsing, the four tools, the timeout hierarchy, and an RL run on it."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import tiny_config_dict
+
+from rollmill.config import config_from_dict
+from rollmill.envs import make_env
+from rollmill.envs.terminal import clip, parse_tool_call
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("bash: ls -la", ("bash", "ls -la", "")),
+    ("  bash ls", ("bash", "ls", "")),
+    ("read_file: notes.txt", ("read_file", "notes.txt", "")),
+    ("write_file: out.txt\nline 1\nline 2", ("write_file", "out.txt", "line 1\nline 2")),
+    ("finish", ("finish", "", "")),
+    ("I will list the files.\nbash: ls", ("bash", "ls", "")),
+    ('{"name": "bash", "arguments": {"command": "pwd"}}', ("bash", "pwd", "")),
+    ('{"name": "write_file", "arguments": "{\\"path\\": \\"a\\", \\"content\\": \\"x\\"}"}', ("write_file", "a", "x")),
+    ("bash:", None), ("write_file:\ncontent", None), ("rm -rf /", None), ('{"name": "bash"}', None), ("{not json", None),
+])
+def test_parse_tool_call(text, expected):
+    assert parse_tool_call(text) == expected
+
+
+def test_clip_keeps_head_and_tail():
+    text = "a" * 50 + "b" * 50
+    clipped = clip(text, 20)
+    assert clipped.startswith("a" * 10) and clipped.endswith("b" * 10) and "80 characters cut" in clipped
+    assert clip("short", 20) == "short"
+
+
+@pytest.fixture
+def env():
+    e = make_env("terminal", names=["hello-file"], max_steps=4, command_timeout_s=1.0)
+    yield e
+    e.close()
+
+
+@needs_bwrap
+def test_solving_a_task_with_the_tools_earns_the_verifier_reward(env):
+    obs, info = env.reset(seed=0)
+    assert "hello" in obs.lower() and info["task"] == "hello-file" and info["state"] == ("hello-file", 0)
+    obs, reward, terminated, truncated, info = env.step("bash: ls -a; echo done")
+    assert "done" in obs and "[exit code 0]" in obs and reward == 0.0 and not (terminated or truncated)
+    instruction = env.task.instruction
+    target, content = ("hello.txt", "hello") if "hello.txt" in instruction else (None, None)
+    assert target, f"unexpected instruction: {instruction}"
+    solution = env.task.path / "solution" / "solve.sh"
+    obs, *_ = env.step("write_file: /tmp/solve.sh\n" + solution.read_text())
+    assert obs.startswith("wrote ")
+    obs, *_ = env.step("bash: bash /tmp/solve.sh && cat hello.txt")
+    assert content in obs
+    obs, reward, terminated, truncated, info = env.step("finish")
+    assert (reward, terminated, truncated, info["success"], info["limit"]) == (1.0, True, False, True, None)
+
+
+@needs_bwrap
+def test_doing_nothing_fails_and_bad_calls_are_invalid(env):
+    env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step("please do it")
+    assert info["invalid_action"] and "Unknown tool call" in obs and not terminated
+    assert "error" in env.step("read_file: nope.txt")[0]
+    obs, reward, terminated, truncated, info = env.step("finish")
+    assert reward == 0.0 and terminated and not info["success"]
+
+
+@needs_bwrap
+def test_each_limit_is_named_and_the_verifier_still_runs(tmp_path):
+    env = make_env("terminal", names=["hello-file"], max_steps=2, command_timeout_s=0.5)
+    env.reset(seed=0)
+    obs, *_ = env.step("bash: sleep 5")
+    assert "[command_timeout: killed after 0.5s]" in obs
+    solve = (env.task.path / "solution" / "solve.sh").read_text()
+    obs, reward, terminated, truncated, info = env.step(f"bash: {solve}")
+    assert (reward, terminated, truncated, info["limit"]) == (1.0, False, True, "max_steps")  # reward kept
+    env.close()
+    slow = make_env("terminal", names=["hello-file"], agent_timeout_s=0.01)
+    slow.reset(seed=0)
+    obs, reward, terminated, truncated, info = slow.step("bash: sleep 0.1")
+    assert truncated and info["limit"] == "agent_timeout" and info["verifier_status"] == "ok" and "verifier reward" in obs
+    slow.close()
+
+
+def test_unknown_task_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown terminal tasks"):
+        make_env("terminal", names=["no-such-task"])
+
+
+@needs_bwrap
+def test_agentic_rl_on_the_terminal_env_runs_end_to_end(tmp_path):
+    from rollmill.pipelines.rlvr import train
+    from rollmill.track import format_samples, read_jsonl
+
+    data = tiny_config_dict(
+        tmp_path,
+        env={"name": "terminal", "kwargs": {"names": ["hello-file", "sum-numbers"], "max_steps": 2}, "eval_episodes": 2},
+        agent={"max_turns": 2, "action_format": "raw", "context": "keep_all", "max_context_tokens": 2048},
+        rollout={"prompts_per_step": 2, "group_size": 2, "sampling": {"max_new_tokens": 8}},
+        train={"steps": 2},
+        checkpoint={"every": 2}, eval={"every": 2},
+    )
+    cfg = config_from_dict({**data, "pipeline": "agentic"})
+    train(cfg, tmp_path / "run")
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[-1]["episode/failed"] == 0.0 and records[-1]["episode/turns"] == 2.0
+    text = format_samples(read_jsonl(tmp_path / "run" / "samples.jsonl"))
+    assert "verifier reward: 0" in text  # every episode reached the verifier (via max_steps)
