@@ -178,3 +178,39 @@ def test_a_thousand_cycles_leave_nothing_behind(tmp_path):
     assert [name for name in leftover_cgroups() if name.startswith(backend.cgroup_prefix)] == []
     assert all(b"bwrap" not in p.read_bytes() or str(root).encode() not in p.read_bytes()
                for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists())
+
+
+def test_spec_rejects_nul_bytes_bad_env_names_and_relative_sandbox_paths():
+    from pydantic import ValidationError
+
+    for bad in ({"env": {"A": "x\0y"}}, {"env": {"A=B": "x"}}, {"workdir": "workspace"}, {"workspace": "/tmp\0x"}):
+        with pytest.raises(ValidationError):
+            SandboxSpec(**bad)
+
+
+def test_process_backend_keeps_files_inside_its_directory(tmp_path):
+    backend = make_backend("process", root=tmp_path / "sb")
+    sid = backend.create(SandboxSpec())
+    (tmp_path / "outside.txt").write_text("host")
+    for path in ("../../outside.txt", "/etc/hostname"):
+        with pytest.raises(SandboxError, match="only maps paths"):
+            backend.get(sid, path)
+    with pytest.raises(SandboxError, match="bad sandbox id"):
+        backend.destroy("..")
+    assert (tmp_path / "sb").is_dir()
+    backend.close()
+
+
+@needs_bwrap
+def test_bwrap_user_mistakes_are_errors_not_infra_errors(tmp_path):
+    backend = make_backend("bwrap", root=tmp_path / "sb")
+    sid = backend.create(SandboxSpec())
+    missing_dir = backend.exec(sid, ["true"], cwd="/nowhere")
+    missing_cmd = backend.exec(sid, ["no-such-command"])
+    assert missing_dir.status is Status.ERROR and "chdir" in missing_dir.message
+    assert missing_cmd.status is Status.ERROR and "execvp" in missing_cmd.message
+    assert backend.exec(sid, ["true\0"]).status is Status.ERROR
+    with pytest.raises(SandboxError, match="bad sandbox id"):
+        backend.destroy("..")
+    assert (tmp_path / "sb").is_dir()
+    backend.close()

@@ -95,6 +95,7 @@ class BwrapBackend:
         return sandbox_id
 
     def destroy(self, sandbox_id: str) -> None:
+        _check_id(sandbox_id)
         with self._lock:
             box = self._sandboxes.pop(sandbox_id, None)
         cgroup = box.cgroup if box else (self._cgroup(sandbox_id) if self.use_cgroups else None)
@@ -191,17 +192,16 @@ class BwrapBackend:
         argv = self.bwrap_argv(box, command, cwd, env)
         if box.cgroup is not None:
             argv = ["/bin/sh", "-c", JOIN_CGROUPS, "join", *box.cgroup.procs_files(), "--", *argv]
-        box.execs += 1
+        with self._lock:
+            box.execs += 1
         box.oom_kills_before = box.cgroup.oom_kills() if box.cgroup is not None else 0
         try:
             run = run_capped(argv, timeout_s=timeout, max_output_bytes=max_output, stdin=stdin, env={})
+        except ValueError as e:  # e.g. a NUL byte in an argument
+            return ExecResult(Status.ERROR, None, message=f"bad command: {e}")
         except OSError as e:
             return ExecResult(Status.INFRA_ERROR, None, message=f"could not start bwrap: {e}")
-        # bwrap reports its own setup failures as "bwrap: ..." with exit 1; the cgroup join exits 125
-        if (run.exit_code == 1 and run.stderr.startswith(b"bwrap: ")) or (run.exit_code == 125 and not run.stdout):
-            return ExecResult(Status.INFRA_ERROR, run.exit_code, stderr=run.stderr.decode(errors="replace"),
-                              message="the sandbox could not start the command")
-        return run
+        return _setup_failure(run) or run
 
     def bwrap_argv(self, box: _Sandbox, command: list[str], cwd: str | None, env: dict | None) -> list[str]:
         """The bwrap command line for one exec (public so users can see exactly what runs)."""
@@ -263,6 +263,22 @@ class BwrapBackend:
         except (OSError, ValueError):
             return False
         return _proc_start(owner["pid"]) == owner["boot"]
+
+
+# bwrap's own setup failures print "bwrap: ..." and exit 1; these ones are the caller's mistake
+USER_ERRORS = (b"bwrap: execvp", b"bwrap: Can't chdir")
+
+
+def _setup_failure(run: RawRun) -> ExecResult | None:
+    """An ExecResult when bwrap (or the cgroup join, exit 125) failed before the command ran."""
+    if run.exit_code == 1 and run.stderr.startswith(b"bwrap: "):
+        status = Status.ERROR if run.stderr.startswith(USER_ERRORS) else Status.INFRA_ERROR
+    elif run.exit_code == 125 and not run.stdout and not run.stderr.strip():
+        status = Status.INFRA_ERROR
+    else:
+        return None
+    stderr = run.stderr.decode(errors="replace")
+    return ExecResult(status, run.exit_code, stderr=stderr, message=f"the sandbox could not start the command: {stderr.strip()}")
 
 
 def _check_id(sandbox_id: str) -> None:

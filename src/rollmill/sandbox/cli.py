@@ -32,6 +32,9 @@ def add_sandbox_parser(sub) -> None:
     serve.add_argument("--token-file", help="file holding the bearer token (else $ROLLMILL_SANDBOX_TOKEN)")
     serve.add_argument("--backend", default="bwrap", choices=["bwrap", "process"])
     serve.add_argument("--root", help="the backend's state directory")
+    serve.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                       help="host directory clients may use as a workspace or mount source (repeatable)")
+    serve.add_argument("--allow-host-network", action="store_true", help="let clients ask for network: host")
 
 
 def sandbox_main(args) -> int:

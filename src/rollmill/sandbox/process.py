@@ -32,6 +32,7 @@ class ProcessBackend:
 
     def __init__(self, root: str | Path | None = None):
         log.warning(WARNING)
+        self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="rollmill-process-sandboxes-"))
         self.root.mkdir(parents=True, exist_ok=True)
         self._specs: dict[str, tuple[SandboxSpec, float]] = {}
@@ -115,6 +116,8 @@ class ProcessBackend:
     def close(self) -> None:
         for sid in self.list():
             self.destroy(sid)
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def _spec(self, sandbox_id: str) -> SandboxSpec:
         with self._lock:
@@ -124,15 +127,19 @@ class ProcessBackend:
         return entry[0]
 
     def _dir(self, sandbox_id: str) -> Path:
+        if not sandbox_id or "/" in sandbox_id or sandbox_id in (".", ".."):
+            raise SandboxError(f"bad sandbox id {sandbox_id!r}")
         return self.root / sandbox_id
 
     def _path(self, sandbox_id: str, path: str) -> Path:
         """Paths under the workdir, relative or absolute, map into the sandbox's directory."""
         spec = self._spec(sandbox_id)
-        relative = path[len(spec.workdir):] if path.startswith(spec.workdir + "/") else path
-        if os.path.isabs(relative):
+        relative = path[len(spec.workdir) + 1:] if path.startswith(spec.workdir + "/") else path
+        base = self._dir(sandbox_id).resolve()
+        target = (base / relative).resolve()
+        if os.path.isabs(relative) or not target.is_relative_to(base):
             raise SandboxError(f"{path}: the process backend only maps paths under {spec.workdir}")
-        return self._dir(sandbox_id) / relative
+        return target
 
 
 def _kill_group(proc) -> None:

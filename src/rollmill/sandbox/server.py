@@ -14,6 +14,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -28,9 +29,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from rollmill.sandbox import make_backend
 from rollmill.sandbox.backend import SandboxBackend
-from rollmill.sandbox.bwrap import DEFAULT_ROOT, BwrapBackend
-from rollmill.sandbox.process import ProcessBackend
 from rollmill.sandbox.spec import MiB, SandboxError, SandboxSpec, Status
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,10 @@ DEFAULT_MAX_UPLOAD_BYTES = 64 * MiB
 # the same ids BwrapBackend accepts; checked here too because other backends build paths from them
 ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
 SandboxId = Annotated[str, PathParam(pattern=ID_PATTERN)]
+# strings that become argv or environment entries: a NUL byte would crash the exec, not fail it
+Arg = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+EnvName = Annotated[str, Field(pattern=r"^[^=\x00]+$")]
+FilePath = Annotated[str, Query(min_length=1, pattern=r"^[^\x00]+$")]
 
 
 class CreateRequest(BaseModel):
@@ -53,11 +57,11 @@ class ExecRequest(BaseModel):
     """Body of `POST /sandboxes/{id}/exec`: the arguments of `SandboxBackend.exec`, stdin as base64."""
 
     model_config = ConfigDict(extra="forbid")
-    argv: list[str] | None = Field(None, min_length=1)
-    script: str | None = None
+    argv: list[Arg] | None = Field(None, min_length=1)
+    script: Arg | None = None
     timeout_s: float | None = Field(None, gt=0)
-    cwd: str | None = None
-    env: dict[str, str] | None = None
+    cwd: Arg | None = None
+    env: dict[EnvName, Arg] | None = None
     stdin_b64: str | None = None
     max_output_bytes: int | None = Field(None, gt=0)
 
@@ -74,20 +78,38 @@ class ExecRequest(BaseModel):
 
 
 def make_app(backend: SandboxBackend, token: str | None,
-             max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
+             max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, allowed_paths: tuple[str, ...] = (),
+             allow_host_network: bool = False) -> FastAPI:
     """The HTTP API over `backend`; every endpoint but /health needs `Bearer <token>` when set.
 
     Uploads are capped at the sandbox's `max_file_bytes` (for sandboxes created through this app)
-    and at `max_upload_bytes` in any case.
+    and at `max_upload_bytes` in any case. A client names host paths (`workspace`, mount sources):
+    only those under `allowed_paths` are accepted, and `network: host` only when allowed, so a
+    token holder cannot mount the host's root or reach the network.
     """
     app = FastAPI(title="rollmill sandbox server")
     _add_error_handling(app)
     if token is not None:
         _add_auth(app, token)
     upload_caps: dict[str, int] = {}
-    _add_lifecycle_routes(app, backend, upload_caps, max_upload_bytes)
+    _add_lifecycle_routes(app, backend, upload_caps, max_upload_bytes,
+                          lambda spec: check_spec_policy(spec, allowed_paths, allow_host_network))
     _add_command_routes(app, backend, upload_caps, max_upload_bytes)
     return app
+
+
+def check_spec_policy(spec: SandboxSpec, allowed_paths: tuple[str, ...], allow_host_network: bool) -> None:
+    """Raise SandboxError when a client's spec names a host path outside `allowed_paths` or asks
+    for the host network without permission."""
+    if spec.network == "host" and not allow_host_network:
+        raise SandboxError("network 'host' is not allowed by this server")
+    roots = [os.path.realpath(p) for p in allowed_paths]
+    for path in [spec.workspace, *(m.source for m in spec.mounts)]:
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots):
+            raise SandboxError(f"host path {path!r} is outside the server's allowed paths {list(allowed_paths)}")
 
 
 def _error(code: int, message: str, status: Status = Status.ERROR, **extra) -> JSONResponse:
@@ -136,13 +158,14 @@ def _add_auth(app: FastAPI, token: str) -> None:
 
 # Plain `def` endpoints: FastAPI runs them in its threadpool, so a long exec never blocks the others.
 def _add_lifecycle_routes(app: FastAPI, backend: SandboxBackend, upload_caps: dict[str, int],
-                          max_upload_bytes: int) -> None:
+                          max_upload_bytes: int, policy) -> None:
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "backend": backend.name, "sandboxes": len(backend.list())}
 
     @app.post("/sandboxes", status_code=201)
     def create(body: CreateRequest) -> dict:
+        policy(body.spec)
         sandbox_id = backend.create(body.spec, body.id)
         upload_caps.setdefault(sandbox_id, min(body.spec.max_file_bytes, max_upload_bytes))
         return {"id": sandbox_id}
@@ -181,13 +204,12 @@ def _add_command_routes(app: FastAPI, backend: SandboxBackend, upload_caps: dict
         return result.to_dict()
 
     @app.get("/sandboxes/{sandbox_id}/files")
-    def get_file(sandbox_id: SandboxId, path: Annotated[str, Query(min_length=1)]) -> Response:
+    def get_file(sandbox_id: SandboxId, path: FilePath) -> Response:
         return Response(backend.get(sandbox_id, path), media_type="application/octet-stream")
 
     # async to stream the body against its cap; the backend call still goes to the threadpool
     @app.put("/sandboxes/{sandbox_id}/files", status_code=204)
-    async def put_file(sandbox_id: SandboxId, path: Annotated[str, Query(min_length=1)],
-                       request: Request) -> Response:
+    async def put_file(sandbox_id: SandboxId, path: FilePath, request: Request) -> Response:
         data = await _read_capped(request, upload_caps.get(sandbox_id, max_upload_bytes))
         await run_in_threadpool(backend.put, sandbox_id, path, data)
         return Response(status_code=204)
@@ -250,21 +272,13 @@ class ServerThread:
         self.stop()
 
 
-def serve(backend: SandboxBackend, host: str = "127.0.0.1", port: int = 8765, token: str | None = None) -> None:
+def serve(backend: SandboxBackend, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+          allowed_paths: tuple[str, ...] = (), allow_host_network: bool = False) -> None:
     """Serve `backend` with uvicorn until interrupted (blocking)."""
-    log.info("serving %s sandboxes on %s:%d (%s)", backend.name, host, port,
-             "token required" if token else "NO token")
-    uvicorn.Server(uvicorn.Config(make_app(backend, token), host=host, port=port, log_level="info")).run()
-
-
-def add_serve_args(parser: argparse.ArgumentParser) -> None:
-    """The options of `rollmill sandbox serve`."""
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--token-file", help=f"file holding the bearer token (default: ${TOKEN_ENV})")
-    parser.add_argument("--backend", choices=("bwrap", "process"), default="bwrap",
-                        help="bwrap: isolated (default); process: NO isolation, development only")
-    parser.add_argument("--root", help="directory holding the sandboxes (default: the backend's)")
+    log.info("serving %s sandboxes on %s:%d (%s; host paths allowed: %s)", backend.name, host, port,
+             "token required" if token else "NO token", list(allowed_paths) or "none")
+    app = make_app(backend, token, allowed_paths=allowed_paths, allow_host_network=allow_host_network)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run()
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -279,12 +293,16 @@ def serve_main(args: argparse.Namespace) -> int:
               f"(use --token-file or ${TOKEN_ENV}, or bind 127.0.0.1)", file=sys.stderr)
         return 2
     try:
-        backend = _make_backend(args.backend, args.root)
+        backend = make_backend(args.backend, **({"root": args.root} if args.root else {}))
     except SandboxError as err:
         print(f"rollmill sandbox serve: {err}", file=sys.stderr)
         return 1
+    # uvicorn re-raises the signal that stopped it; as an exception it lets the sandboxes be destroyed
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        serve(backend, args.host, args.port, token)
+        serve(backend, args.host, args.port, token, tuple(args.allow_path), args.allow_host_network)
+    except KeyboardInterrupt:
+        pass
     finally:
         backend.close()
     return 0
@@ -308,9 +326,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _make_backend(kind: str, root: str | None) -> BwrapBackend | ProcessBackend:
-    if kind == "process":
-        return ProcessBackend(root)
-    return BwrapBackend(root or DEFAULT_ROOT)

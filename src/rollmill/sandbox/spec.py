@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rollmill.config.base import Strict
 
@@ -66,6 +66,19 @@ class SandboxSpec(Strict):
     max_output_bytes: int = Field(1 * MiB, gt=0)
     max_file_bytes: int = Field(64 * MiB, gt=0)
 
+    @model_validator(mode="after")
+    def _paths_are_plain(self) -> "SandboxSpec":
+        texts = [self.workspace or "", self.workdir, *self.scratch_dirs, *self.env, *self.env.values(),
+                 *(p for m in self.mounts for p in (m.source, m.target))]
+        if any("\0" in t for t in texts):
+            raise ValueError("paths and env entries must not contain NUL bytes")
+        if any("=" in key or not key for key in self.env):
+            raise ValueError("env names must be non-empty and must not contain '='")
+        inside = [self.workdir, *self.scratch_dirs, *(m.target for m in self.mounts)]
+        if any(not p.startswith("/") for p in inside):
+            raise ValueError(f"sandbox paths must be absolute: {inside}")
+        return self
+
 
 @dataclass
 class ExecResult:
@@ -94,7 +107,9 @@ class ExecResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExecResult":
-        return cls(**{**d, "status": Status(d["status"])})
+        """Inverse of to_dict; keys this version does not know (a newer server's) are ignored."""
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**{**known, "status": Status(d["status"])})
 
 
 @dataclass
