@@ -214,3 +214,31 @@ def test_bwrap_user_mistakes_are_errors_not_infra_errors(tmp_path):
         backend.destroy("..")
     assert (tmp_path / "sb").is_dir()
     backend.close()
+
+
+def test_docker_containers_are_never_privileged_and_have_no_network(tmp_path):
+    from rollmill.sandbox import Mount
+    from rollmill.sandbox.docker import run_argv
+
+    spec = SandboxSpec(memory_bytes=2**28, cpus=0.5, pids=32, disk_bytes=2**24, env={"A": "1"},
+                       mounts=[Mount(source="/data", target="/data")])
+    argv = run_argv("docker", "rollmill-x", spec, tmp_path, "debian:bookworm-slim")
+    joined = " ".join(argv)
+    assert "--privileged" not in argv and "--network none" in joined and "--cap-drop ALL" in joined
+    assert "no-new-privileges" in argv and "--read-only" in argv and "/data:/data:ro" in argv
+    assert f"--memory {2**28} --memory-swap {2**28}" in joined and "--pids-limit 32" in joined
+    assert "/tmp:size=16777216" in argv and argv[-3:] == ["debian:bookworm-slim", "sleep", "infinity"]
+
+
+def test_docker_backend_runs_where_a_daemon_exists(tmp_path):
+    from rollmill.sandbox.docker import daemon_available
+
+    if not daemon_available():
+        pytest.skip("no docker daemon on this machine")
+    backend = make_backend("docker", root=tmp_path / "sb")
+    sid = backend.create(SandboxSpec())
+    try:
+        assert backend.exec(sid, ["echo", "hi"]).stdout == "hi\n"
+        assert backend.exec(sid, ["sleep", "5"], timeout_s=0.5).status is Status.TIMEOUT
+    finally:
+        backend.close()

@@ -21,6 +21,8 @@ needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewr
     ("write_file: out.txt\nline 1\nline 2", ("write_file", "out.txt", "line 1\nline 2")),
     ("finish", ("finish", "", "")),
     ("I will list the files.\nbash: ls", ("bash", "ls", "")),
+    ("Like this:\n```bash\necho hi > a.txt\n```\nDone.", ("bash", "echo hi > a.txt", "")),
+    ("```sh\nls -l", ("bash", "ls -l", "")), ("```python\nprint(1)\n```", None),
     ('{"name": "bash", "arguments": {"command": "pwd"}}', ("bash", "pwd", "")),
     ('{"name": "write_file", "arguments": "{\\"path\\": \\"a\\", \\"content\\": \\"x\\"}"}', ("write_file", "a", "x")),
     ("bash:", None), ("write_file:\ncontent", None), ("rm -rf /", None), ('{"name": "bash"}', None), ("{not json", None),

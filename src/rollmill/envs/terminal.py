@@ -25,9 +25,12 @@ Call exactly one tool per reply:
   bash: <command>            run a shell command in /workspace (each call is a fresh shell)
   read_file: <path>          print a file
   write_file: <path>         followed by the file's content on the next lines
-  finish                     you are done; your work is checked"""
+  finish                     you are done; your work is checked
+A ```bash code block (and no tool line) counts as a bash call."""
 # a call may follow some prose: it starts at the first line that begins with a tool name
 CALL = re.compile(r"^[ \t]*(bash|read_file|write_file|finish)\b[ \t]*:?[ \t]*(.*)", re.DOTALL | re.MULTILINE)
+# what chat models write unprompted; an unclosed block (the reply hit its token limit) counts too
+FENCE = re.compile(r"```(?:bash|sh|shell|console)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,7 +59,8 @@ def parse_tool_call(text: str) -> tuple[str, str, str] | None:
         return ("finish", "", "") if name == "finish" else None
     match = CALL.search(text)
     if match is None:
-        return None
+        fence = FENCE.search(text)
+        return ("bash", fence.group(1).strip(), "") if fence and fence.group(1).strip() else None
     tool, rest = match.group(1), match.group(2)
     if tool == "write_file":
         path, _, content = rest.partition("\n")
