@@ -115,3 +115,26 @@ def test_agentic_rl_on_the_terminal_env_runs_end_to_end(tmp_path):
     assert records[-1]["episode/failed"] == 0.0 and records[-1]["episode/turns"] == 2.0
     text = format_samples(read_jsonl(tmp_path / "run" / "samples.jsonl"))
     assert "verifier reward: 0" in text  # every episode reached the verifier (via max_steps)
+
+
+@needs_bwrap
+def test_the_env_works_the_same_over_a_remote_sandbox_server(tmp_path, monkeypatch):
+    from rollmill.sandbox.bwrap import BwrapBackend
+    from rollmill.sandbox.server import ServerThread, make_app
+    from rollmill.terminal import builtin_tasks_dir
+
+    local = BwrapBackend(root=tmp_path / "sb")
+    monkeypatch.setenv("ROLLMILL_SANDBOX_TOKEN", "tok")
+    try:
+        with ServerThread(make_app(local, "tok", allowed_paths=(str(builtin_tasks_dir()),))) as server:
+            env = make_env("terminal", names=["hello-file"], backend="remote", backend_url=server.url)
+            env.reset(seed=0)
+            assert local.list() == [env.sandbox_id]  # the sandbox lives on the server
+            solve = (env.task.path / "solution" / "solve.sh").read_text()
+            env.step(f"bash: {solve}")
+            obs, reward, terminated, truncated, info = env.step("finish")
+            assert (reward, terminated, info["success"]) == (1.0, True, True)
+            env.close()
+            assert local.list() == []
+    finally:
+        local.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import functools
 import json
+import os
 import re
 import time
 from typing import Any
@@ -34,9 +35,15 @@ FENCE = re.compile(r"```(?:bash|sh|shell|console)?[ \t]*\n(.*?)(?:```|\Z)", re.D
 
 
 @functools.lru_cache(maxsize=None)
-def shared_backend(name: str):
-    """One backend per process and name, shared by every env instance, closed at exit."""
-    backend = make_backend(name)
+def shared_backend(name: str, url: str | None = None):
+    """One backend per process, name and url, shared by every env instance, closed at exit.
+    A remote backend reads its token from $ROLLMILL_SANDBOX_TOKEN (never from a config file)."""
+    if name == "remote":
+        if url is None:
+            raise ValueError("backend 'remote' needs backend_url (a `rollmill sandbox serve` address)")
+        backend = make_backend(name, url=url, token=os.environ.get("ROLLMILL_SANDBOX_TOKEN"))
+    else:
+        backend = make_backend(name)
     atexit.register(backend.close)
     return backend
 
@@ -80,12 +87,15 @@ def clip(text: str, limit: int) -> str:
 
 @register_env("terminal", "shell tasks (Harbor layout) in a sandbox: bash/read_file/write_file/finish; reward from the task's verifier")
 class TerminalEnv:
-    """`reset(seed)` starts task `seed % len(tasks)` in a fresh sandbox (the previous one is destroyed)."""
+    """`reset(seed)` starts task `seed % len(tasks)` in a fresh sandbox (the previous one is destroyed).
+
+    `backend` is any sandbox backend name; with "remote", `backend_url` names the sandbox server,
+    which must allow the tasks directory (`rollmill sandbox serve --allow-path DIR`)."""
 
     instructions = TOOLS
 
     def __init__(self, tasks: str | None = None, names: list[str] | None = None, backend: str = "bwrap",
-                 max_steps: int = 8, command_timeout_s: float = 10.0, agent_timeout_s: float | None = None,
+                 backend_url: str | None = None, max_steps: int = 8, command_timeout_s: float = 10.0, agent_timeout_s: float | None = None,
                  observation_chars: int = 1500):
         self.tasks: list[TerminalTask] = load_tasks(tasks or builtin_tasks_dir())
         if names is not None:
@@ -95,7 +105,7 @@ class TerminalEnv:
             self.tasks = [t for t in self.tasks if t.name in names]
         if not self.tasks:
             raise ValueError(f"no terminal tasks in {tasks or builtin_tasks_dir()}")
-        self.backend_name = backend
+        self.backend_name, self.backend_url = backend, backend_url
         self.max_steps, self.command_timeout_s = max_steps, command_timeout_s
         self.agent_timeout_s, self.observation_chars = agent_timeout_s, observation_chars
         self.sandbox_id: str | None = None
@@ -103,7 +113,7 @@ class TerminalEnv:
 
     @property
     def backend(self):
-        return shared_backend(self.backend_name)
+        return shared_backend(self.backend_name, self.backend_url)
 
     def reset(self, seed: int | None = None) -> tuple[str, dict[str, Any]]:
         self.close()
