@@ -138,3 +138,22 @@ def test_the_env_works_the_same_over_a_remote_sandbox_server(tmp_path, monkeypat
             assert local.list() == []
     finally:
         local.close()
+
+
+@needs_bwrap
+def test_envs_reset_concurrently_share_one_backend(monkeypatch):
+    from rollmill.agent.env_calls import call_all
+    from rollmill.envs import terminal
+
+    monkeypatch.setattr(terminal, "_BACKENDS", {})  # the race is in building the first backend
+    envs = [make_env("terminal", names=["hello-file"], max_steps=3) for _ in range(4)]
+    try:
+        assert all(r.error is None for r in call_all([(e.reset, (0,)) for e in envs], 60))
+        assert len(terminal._BACKENDS) == 1
+        results = call_all([(e.step, ("bash: echo ok",)) for e in envs], 60)
+        assert [r.error for r in results] == [None] * 4 and all("ok" in r.value[0] for r in results)
+    finally:
+        for e in envs:
+            e.close()
+        for backend in terminal._BACKENDS.values():
+            backend.close()

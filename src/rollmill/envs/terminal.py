@@ -10,10 +10,10 @@ its reward is kept. The verifier has its own [verifier] timeout ("verifier_timeo
 from __future__ import annotations
 
 import atexit
-import functools
 import json
 import os
 import re
+import threading
 import time
 from typing import Any
 
@@ -34,18 +34,23 @@ CALL = re.compile(r"^[ \t]*(bash|read_file|write_file|finish)\b[ \t]*:?[ \t]*(.*
 FENCE = re.compile(r"```(?:bash|sh|shell|console)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
-@functools.lru_cache(maxsize=None)
+_BACKENDS: dict[tuple[str, str | None], object] = {}
+_BACKENDS_LOCK = threading.Lock()
+
+
 def shared_backend(name: str, url: str | None = None):
     """One backend per process, name and url, shared by every env instance, closed at exit.
     A remote backend reads its token from $ROLLMILL_SANDBOX_TOKEN (never from a config file)."""
-    if name == "remote":
-        if url is None:
-            raise ValueError("backend 'remote' needs backend_url (a `rollmill sandbox serve` address)")
-        backend = make_backend(name, url=url, token=os.environ.get("ROLLMILL_SANDBOX_TOKEN"))
-    else:
-        backend = make_backend(name)
-    atexit.register(backend.close)
-    return backend
+    # envs reset concurrently from the agent loop's threads: build each backend exactly once
+    with _BACKENDS_LOCK:
+        if (name, url) not in _BACKENDS:
+            if name == "remote" and url is None:
+                raise ValueError("backend 'remote' needs backend_url (a `rollmill sandbox serve` address)")
+            kwargs = {"url": url, "token": os.environ.get("ROLLMILL_SANDBOX_TOKEN")} if name == "remote" else {}
+            backend = make_backend(name, **kwargs)
+            atexit.register(backend.close)
+            _BACKENDS[(name, url)] = backend
+        return _BACKENDS[(name, url)]
 
 
 def parse_tool_call(text: str) -> tuple[str, str, str] | None:
