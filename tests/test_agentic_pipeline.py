@@ -145,3 +145,10 @@ def test_cli_eval_and_samples_on_an_agentic_run(agentic, tmp_path, capsys):
     assert "4 held-out frozenlake episodes: success=" in out and "step_000001" in out
     assert main(["samples", str(tmp_path / "run")]) == 0
     assert "--- step 1  seed" in capsys.readouterr().out
+
+
+def test_eval_summary_shows_failed_episodes_only_when_there_are_some():
+    from rollmill.cli import _fmt
+
+    assert _fmt({"eval/success": 0.5, "eval/failed": 0.0}) == "success=0.500"
+    assert _fmt({"eval/success": 0.0, "eval/failed": 3.0}) == "success=0.000 failed=3"

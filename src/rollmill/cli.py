@@ -22,7 +22,9 @@ def _latest_run(cfg: RunConfig) -> Path | None:
 def _fmt(metrics: dict | None) -> str:
     if not metrics:
         return "n/a"
-    return " ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in metrics.items() if k != "eval/failed")
+    # failures are shown whenever there are any: a score over broken episodes must not look clean
+    return " ".join(f"{k.removeprefix('eval/')}={v:.0f}" if k == "eval/failed" else f"{k.removeprefix('eval/')}={v:.3f}"
+                    for k, v in metrics.items() if k != "eval/failed" or v > 0)
 
 
 def cmd_train(args) -> int:

@@ -110,6 +110,8 @@ def evaluate_episodes(engine, tokenizer, cfg, envs=None, temperature: float | No
     loop = AgentLoop(engine, tokenizer, cfg.agent, sampling, step_timeout_s=cfg.env.step_timeout_s)
     seeds = [EVAL_SEED_BASE + i for i in range(len(envs))]
     trajs = loop.play(envs, seeds, list(range(len(seeds))), seed=step_seed(cfg.train.seed, -1), env_name=cfg.env.name)
+    for t in [t for t in trajs if t.failed][:3]:
+        log.warning("held-out episode (seed %d) failed: %s", t.seed, t.error)
     return {f"eval/{k.split('/')[-1]}": v for k, v in episode_metrics(trajs).items()
             if k in ("episode/success", "episode/reward", "episode/turns", "episode/invalid_rate", "episode/failed")}
 
