@@ -113,6 +113,7 @@ def test_agentic_rl_on_the_terminal_env_runs_end_to_end(tmp_path):
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]
     assert records[-1]["episode/failed"] == 0.0 and records[-1]["episode/turns"] == 2.0
+    assert records[-1]["end/limit_max_steps"] + records[-1]["end/terminated"] == 1.0
     text = format_samples(read_jsonl(tmp_path / "run" / "samples.jsonl"))
     assert "verifier reward: 0" in text  # every episode reached the verifier (via max_steps)
 

@@ -127,6 +127,8 @@ class AgentLoop:
             traj.terminated, traj.truncated = bool(terminated), bool(truncated) and not terminated
             traj.success = bool(info.get("success", terminated and reward > 0))
             traj.end_reason = "terminated" if terminated else "env_truncated"
+            if info.get("limit"):  # which of the env's own limits ended it (e.g. a terminal task's)
+                traj.info["limit"] = str(info["limit"])
 
     def _fail(self, traj: Trajectory, result: CallResult, where: str) -> None:
         traj.failed = True

@@ -2,9 +2,13 @@
 verifier decides the reward.
 
 One timeout hierarchy, each limit named in `info["limit"]` when it fires:
-command_timeout (one bash call) < agent_timeout (the task's [agent] budget since reset) and
-max_steps (tool calls); when either of the last two ends the episode, the verifier still runs and
-its reward is kept. The verifier has its own [verifier] timeout ("verifier_timeout").
+command_timeout (one bash call) < agent_timeout (the task's [agent] budget) and max_steps (tool
+calls); when either of the last two ends the episode, the verifier still runs and its reward is
+kept. The verifier has its own [verifier] timeout ("verifier_timeout").
+
+The agent budget counts the time the agent's tool calls ran, not the model's thinking time: in
+batched RL rollout, model time depends on the batch size and the hardware, and an episode's outcome
+must not.
 """
 
 from __future__ import annotations
@@ -124,7 +128,7 @@ class TerminalEnv:
         self.close()
         self.task = self.tasks[(seed or 0) % len(self.tasks)]
         self.sandbox_id = start_task(self.backend, self.task)
-        self.steps, self.started = 0, time.monotonic()
+        self.steps, self.tool_seconds = 0, 0.0
         return self.task.instruction.strip(), {"state": (self.task.name, 0), "success": False, "task": self.task.name}
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
@@ -135,9 +139,11 @@ class TerminalEnv:
         info: dict[str, Any] = {"state": (self.task.name, self.steps), "invalid_action": call is None}
         if call is not None and call[0] == "finish":
             return self._finish("", info, limit=None)
+        started = time.monotonic()
         obs = "Unknown tool call. " + TOOLS.split("\n", 1)[1] if call is None else self._run_tool(*call)
+        self.tool_seconds += time.monotonic() - started
         budget = self.agent_timeout_s or self.task.agent_timeout_s
-        if time.monotonic() - self.started > budget:
+        if self.tool_seconds > budget:
             return self._finish(obs, info, limit="agent_timeout")
         if self.steps >= self.max_steps:
             return self._finish(obs, info, limit="max_steps")

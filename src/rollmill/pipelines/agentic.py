@@ -113,7 +113,8 @@ def evaluate_episodes(engine, tokenizer, cfg, envs=None, temperature: float | No
     for t in [t for t in trajs if t.failed][:3]:
         log.warning("held-out episode (seed %d) failed: %s", t.seed, t.error)
     return {f"eval/{k.split('/')[-1]}": v for k, v in episode_metrics(trajs).items()
-            if k in ("episode/success", "episode/reward", "episode/turns", "episode/invalid_rate", "episode/failed")}
+            if k in ("episode/success", "episode/reward", "episode/turns", "episode/invalid_rate", "episode/failed")
+            or k.startswith("end/limit_")}
 
 
 def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
@@ -134,6 +135,8 @@ def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
     }
     for reason in ("terminated", "max_turns", "context", "env_truncated", "env_error", "env_timeout"):
         metrics[f"end/{reason}"] = sum(t.end_reason == reason for t in trajs) / n
+    for limit in sorted({t.info["limit"] for t in trajs if "limit" in t.info}):
+        metrics[f"end/limit_{limit}"] = sum(t.info.get("limit") == limit for t in trajs) / n
     return metrics
 
 
