@@ -10,6 +10,9 @@ from typing import Protocol, runtime_checkable
 
 from rollmill.sandbox.spec import ExecResult, SandboxSpec, SandboxStats
 
+# Writes stdin to "$1" from inside a sandbox, so the path resolves there (never on the host).
+PUT_SCRIPT = 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"'
+
 
 @runtime_checkable
 class SandboxBackend(Protocol):

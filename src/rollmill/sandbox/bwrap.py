@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rollmill.sandbox.backend import PUT_SCRIPT
 from rollmill.sandbox.capture import RawRun, run_capped
 from rollmill.sandbox.cgroup import Cgroup, cgroups_available, leftover_cgroups
 from rollmill.sandbox.mounts import SandboxFS, mounts_under, remove_tree
@@ -164,8 +165,7 @@ class BwrapBackend:
         box = self._get(sandbox_id)
         if len(data) > box.spec.max_file_bytes:
             raise SandboxError(f"put {path}: {len(data)} bytes is over max_file_bytes={box.spec.max_file_bytes}")
-        write = 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"'
-        run = self._run(box, ["/bin/sh", "-c", write, "put", path], box.spec.exec_timeout_s, None, None, data, 4096)
+        run = self._run(box, ["/bin/sh", "-c", PUT_SCRIPT, "put", path], box.spec.exec_timeout_s, None, None, data, 4096)
         if isinstance(run, ExecResult) or run.exit_code != 0 or run.timed_out:
             raise SandboxError(f"put {path}: {_why(run)}")
 

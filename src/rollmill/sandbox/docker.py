@@ -16,6 +16,7 @@ import threading
 import uuid
 from pathlib import Path
 
+from rollmill.sandbox.backend import PUT_SCRIPT
 from rollmill.sandbox.capture import run_capped
 from rollmill.sandbox.spec import ExecResult, SandboxError, SandboxSpec, SandboxStats, Status
 
@@ -109,7 +110,7 @@ class DockerBackend:
                           "exec_timeout" if run.timed_out else None)
 
     def put(self, sandbox_id: str, path: str, data: bytes) -> None:
-        result = self.exec(sandbox_id, ["sh", "-c", 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"', "put", path],
+        result = self.exec(sandbox_id, ["sh", "-c", PUT_SCRIPT, "put", path],
                            stdin=data)
         if not result.ok:
             raise SandboxError(f"put {path}: {result.stderr.strip() or result.status.value}")
