@@ -99,3 +99,13 @@ def test_update_weights_copies_foreign_state_and_sets_version(engine):
 def test_empty_prompt_is_rejected(engine):
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate([[]], SamplingParams())
+
+
+def test_inverse_cdf_sampling_matches_the_distribution_and_skips_zero_mass():
+    from rollmill.rollout.sampling import sample_inverse_cdf
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    draws = sample_inverse_cdf(probs.expand(20000, -1), torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).float() / 20000
+    assert freq[1] == 0 and freq[4] == 0  # zero-probability tokens (e.g. top-p filtered) never come up
+    assert torch.allclose(freq, probs, atol=0.015)  # 3+ standard errors at n=20000

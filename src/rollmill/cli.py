@@ -47,7 +47,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from rollmill.models import load_model
     from rollmill.pipelines.evaluate import evaluate
-    from rollmill.rollout import HFEngine
+    from rollmill.rollout import build_engine
     from rollmill.tasks import load_task
     from rollmill.train import list_checkpoints
     from rollmill.train.checkpoint import load_weights
@@ -64,7 +64,7 @@ def cmd_eval(args) -> int:
             raise ConfigError(f"{run_dir} has no checkpoint to evaluate")
         load_weights(ckpts[-1], model)
         source = str(ckpts[-1])
-    engine = HFEngine(model, tokenizer, batch_size=cfg.rollout.batch_size)
+    engine = build_engine(cfg.rollout, model, tokenizer)
     if cfg.pipeline == "agentic":
         from rollmill.pipelines.agentic import evaluate_episodes
 

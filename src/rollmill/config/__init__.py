@@ -137,10 +137,16 @@ class SamplingConfig(Strict):
 class RolloutConfig(Strict):
     """How the engine samples: G completions for each of `prompts_per_step` prompts."""
 
-    engine: Literal["hf"] = "hf"
+    engine: Literal["hf", "hf_generic", "vllm"] = Field(
+        "hf", description="hf: fast in-process engine (Llama family; others fall back to hf_generic); "
+                          "vllm: needs `make install-vllm`")
     prompts_per_step: int = Field(4, gt=0)
     group_size: int = Field(8, gt=0)
     batch_size: int = Field(64, gt=0, description="sequences decoded together")
+    prefix_cache_mb: int = Field(1024, ge=0, description="hf engine: K/V of finished sequences kept for the next turn (0: off)")
+    logprob_tolerance: float = Field(1e-3, gt=0.0, description="mean per-token |engine - trainer| log-prob gap allowed")
+    logprob_check: Literal["warn", "error", "off"] = "warn"
+    weight_sync_timeout_s: float = Field(300.0, gt=0.0, description="a weight update taking longer is an error")
     sampling: SamplingConfig = SamplingConfig()
 
 

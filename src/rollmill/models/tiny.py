@@ -45,6 +45,7 @@ def build_tiny_model(
     intermediate_size: int = 128,
     seed: int = 0,
     eos_token_id: int = 2,
+    num_kv_heads: int | None = None,
 ) -> LlamaForCausalLM:
     """A Llama with random weights from `seed`; a few layers, so a forward takes milliseconds."""
     config = LlamaConfig(
@@ -53,7 +54,7 @@ def build_tiny_model(
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,  # fewer than num_heads: grouped-query attention
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=1,

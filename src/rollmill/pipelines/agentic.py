@@ -89,6 +89,7 @@ class AgenticPipeline(BasePipeline):
             advs.extend(token_advantages(traj, adv))
         batch = build_row_batch(rows, advs, self.tokenizer.pad_token_id)
         metrics = self.trainer.step(batch)
+        self._check_consistency(metrics)
         self._apply_kl_control(metrics, None, batch.mask, batch.size)
         metrics["train/rows"] = float(batch.size)
         return metrics

@@ -21,7 +21,8 @@ from rollmill.algos import CRITIC_ADVANTAGES
 from rollmill.config import RunConfig, dump_config
 from rollmill.models import load_model
 from rollmill.pipelines.common import seed_everything
-from rollmill.rollout import HFEngine
+from rollmill.rollout import build_engine, sync_weights
+from rollmill.rollout.consistency import check_logprob_gap
 from rollmill.track import RunLogger, plot_run
 from rollmill.train import PolicyTrainer, list_checkpoints, load_checkpoint, save_checkpoint
 from rollmill.train.advantages import AdvantageComputer
@@ -55,7 +56,7 @@ class BasePipeline:
         ref = None
         if cfg.algorithm.kl_coef > 0 or cfg.algorithm.track_kl:
             ref = copy.deepcopy(self.model).requires_grad_(False)
-        self.engine = HFEngine(self.model, self.tokenizer, batch_size=cfg.rollout.batch_size)
+        self.engine = build_engine(cfg.rollout, self.model, self.tokenizer)
         trainer_options.setdefault("max_new_tokens", cfg.rollout.sampling.max_new_tokens)
         self.trainer = PolicyTrainer(self.model, cfg.train, cfg.algorithm, temperature=cfg.rollout.sampling.temperature,
                                      ref_model=ref, **trainer_options)
@@ -100,7 +101,7 @@ class BasePipeline:
         state = load_checkpoint(ckpts[-1], self.model, self.trainer, self.critic)
         self.step = state["step"]
         self._restore_data(state)
-        self.engine.update_weights(self.model.state_dict(), state["version"])
+        sync_weights(self.engine, self.model.state_dict(), state["version"], self.cfg.rollout.weight_sync_timeout_s)
         self.eval_before = state.get("eval_before")
         self.kl.controller.load_state_dict({"value": state["kl_coef"]})
         self.trainer.kl_coef = self.kl.beta
@@ -116,7 +117,14 @@ class BasePipeline:
         log.info("step %d: checkpoint saved to %s", self.step, path)
 
     def _sync_weights(self) -> None:
-        self.engine.update_weights(self.model.state_dict(), self.step)
+        sync_weights(self.engine, self.model.state_dict(), self.step, self.cfg.rollout.weight_sync_timeout_s)
+
+    def _check_consistency(self, metrics: dict) -> None:
+        """Warn or stop (rollout.logprob_check) when the engine's log-probs leave the trainer's."""
+        rollout = self.cfg.rollout
+        if "logprob_mismatch" in metrics:
+            check_logprob_gap(metrics["logprob_mismatch"], getattr(self.engine, "name", "rollout"),
+                              rollout.logprob_tolerance, rollout.logprob_check, rollout.sampling.top_p)
 
     def run(self) -> TrainResult:
         cfg = self.cfg

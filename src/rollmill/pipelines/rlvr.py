@@ -121,6 +121,7 @@ class RLVRPipeline(BasePipeline):
             beta = self.kl.beta if token_kl is not None else 0.0
             batch.advantages, returns, old_values = self.critic.advantages(batch, scores.flatten(), token_kl, beta)
             metrics = {**self.trainer.step(batch, ref_logp=ref_logp), **self.critic.step(batch, old_values, returns)}
+        self._check_consistency(metrics)
         self._apply_kl_control(metrics, token_kl, batch.mask, batch.size)
         return metrics
 

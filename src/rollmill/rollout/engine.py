@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -52,3 +53,47 @@ class Engine(Protocol):
     def update_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
         """Load new policy weights; completions after this call carry `version`."""
         ...
+
+
+def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], engine: str) -> None:
+    """Copy `state` into `model` in place; a no-op when `state` already is the model's own tensors."""
+    own = model.state_dict()
+    if all(name in state and state[name].data_ptr() == t.data_ptr() for name, t in own.items()):
+        return
+    missing = set(own) - set(state)
+    if missing:
+        raise ValueError(f"{engine} engine: update_weights state misses {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for name, t in own.items():
+            if state[name].shape != t.shape:
+                raise ValueError(f"{engine} engine: update_weights got {name} with shape {tuple(state[name].shape)}, "
+                                 f"expected {tuple(t.shape)}")
+            t.copy_(state[name])
+
+
+class WeightSyncError(RuntimeError):
+    """A weight update failed or hung; the message names the engine and the version."""
+
+
+def sync_weights(engine: Engine, state: dict[str, torch.Tensor], version: int, timeout_s: float) -> None:
+    """`engine.update_weights` that raises `WeightSyncError` if it fails or takes longer than `timeout_s`.
+
+    A hung update is left running in a daemon thread (Python cannot kill it); the engine must be
+    treated as broken after the error, which is why it is an error and not a warning.
+    """
+    name = getattr(engine, "name", type(engine).__name__)
+    failure: list[BaseException] = []
+
+    def update():
+        try:
+            engine.update_weights(state, version)
+        except BaseException as e:  # handed to the caller's thread below
+            failure.append(e)
+
+    worker = threading.Thread(target=update, name=f"weight-sync-{name}", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise WeightSyncError(f"{name} engine: weight update to version {version} did not finish within {timeout_s:g}s")
+    if failure:
+        raise WeightSyncError(f"{name} engine: weight update to version {version} failed: {failure[0]}") from failure[0]

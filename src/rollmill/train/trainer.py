@@ -157,7 +157,9 @@ class PolicyTrainer:
             batch = batch.select(slice(None))  # a new batch object: the caller's mask stays as it was
             batch.mask = kept
         sums: dict[str, float] = defaultdict(float)
+        self._mismatch_max = 0.0
         if old_logp is not None:
+            self._mismatch_max = float(((old_logp - batch.behaviour_logprobs).abs() * batch.mask).max())
             # train/inference consistency (same weights, trainer vs engine log-probs); x epochs because
             # every metric is divided by the token count summed over epochs
             gap = ((old_logp - batch.behaviour_logprobs).abs() * batch.mask).sum()
@@ -176,6 +178,7 @@ class PolicyTrainer:
         metrics["loss"] = loss_sum / len(grad_norms)
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["logprob_mismatch_max"] = self._mismatch_max
         if self.algo.mismatch_ratio_bounds is not None or by_segment:
             metrics["mismatch/dropped_tokens"] = dropped
         return metrics
@@ -214,7 +217,9 @@ class PolicyTrainer:
                 sums["approx_kl"] += float(((log_ratio.exp() - 1 - log_ratio) * m).sum())
                 sums["ratio"] += float((out.ratio.detach() * m).sum())
                 if old_logp is None:  # single pass: logp is still the pre-update policy
-                    sums["logprob_mismatch"] += float(((logp.detach() - micro.behaviour_logprobs).abs() * m).sum())
+                    gap = (logp.detach() - micro.behaviour_logprobs).abs() * m
+                    sums["logprob_mismatch"] += float(gap.sum())
+                    self._mismatch_max = max(self._mismatch_max, float(gap.max()))
                 sums["tokens"] += float(m.sum())
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)

@@ -1,0 +1,26 @@
+"""Pick and build the engine a run's config asks for."""
+
+from __future__ import annotations
+
+import logging
+
+from rollmill.rollout.decoder import fast_path_problem
+from rollmill.rollout.hf import HFEngine
+from rollmill.rollout.hf_generic import GenericHFEngine
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(cfg, model, tokenizer):
+    """The engine for `cfg` (a RolloutConfig) on an in-memory model; `hf` falls back to `hf_generic`
+    (with a log line) for architectures the fast forward does not cover."""
+    if cfg.engine == "vllm":
+        from rollmill.rollout.vllm import VLLMEngine
+
+        return VLLMEngine.from_model(model, tokenizer, update_timeout_s=cfg.weight_sync_timeout_s)
+    problem = fast_path_problem(model) if cfg.engine == "hf" else None
+    if cfg.engine == "hf_generic" or problem:
+        if problem:
+            log.info("engine hf: %s; using hf_generic (slower, same results)", problem)
+        return GenericHFEngine(model, tokenizer, batch_size=cfg.batch_size)
+    return HFEngine(model, tokenizer, batch_size=cfg.batch_size, prefix_cache_mb=cfg.prefix_cache_mb)

@@ -1,0 +1,98 @@
+"""A lean inference forward over a transformers Llama-family model, writing into a `SlotKV`.
+
+It calls the model's own modules (projections, norms, MLP, rotary embedding), so it shares the
+trainer's weights and needs no conversion; what it replaces is the per-step machinery around them
+(cache objects, 4-D mask building, concatenating the past) that dominates decode time on small models.
+One code path serves prefill (many tokens per row, each row continuing at its own position) and decode
+(one token per row). Grouped-query attention folds the query heads of a K/V head into the query-length
+axis, so K/V are never repeated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from rollmill.rollout.kv import SlotKV
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def fast_path_problem(model) -> str | None:
+    """Why `model` can't use the fast forward (None when it can)."""
+    config = model.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types) or (
+        config.model_type == "mistral" and getattr(config, "sliding_window", None)
+    ):
+        return "sliding-window attention is not supported by the fast forward"
+    return None
+
+
+class Decoder:
+    """Runs rows of a `SlotKV` forward by T tokens each and returns next-token logits."""
+
+    def __init__(self, model):
+        problem = fast_path_problem(model)
+        if problem:
+            raise ValueError(f"Decoder: {problem}")
+        self.model = model
+        body = model.model
+        self.embed, self.layers, self.norm, self.rotary = body.embed_tokens, body.layers, body.norm, body.rotary_emb
+        attn = self.layers[0].self_attn
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.group = self.heads // self.kv_heads
+
+    def new_cache(self, slots: int, capacity: int) -> SlotKV:
+        dtype = self.embed.weight.dtype
+        return SlotKV(len(self.layers), slots, self.kv_heads, capacity, self.head_dim, dtype)
+
+    @torch.no_grad()
+    def forward(self, kv: SlotKV, rows: list[int], ids: torch.Tensor, starts: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Feed `ids` [B, T] to cache rows `rows`, row b continuing at position `starts[b]`.
+
+        Rows may be right-padded: only tokens up to index `last[b]` are real, and the logits
+        [B, vocab] returned are those after that token. Padding tokens write their K/V into the
+        cache's last position, which no real token uses and no mask exposes.
+        """
+        batch, width = ids.shape
+        steps = torch.arange(width)
+        real = steps[None, :] <= last[:, None]
+        positions = torch.where(real, starts[:, None] + steps, kv.capacity - 1)
+        seen = int((starts + last).max()) + 1
+        if seen >= kv.capacity:
+            raise ValueError(f"Decoder.forward: position {seen - 1} needs a cache longer than {kv.capacity - 1}")
+        contiguous = rows == list(range(rows[0], rows[0] + batch))
+        sel = slice(rows[0], rows[0] + batch) if contiguous else torch.tensor(rows)
+        row_index = torch.tensor(rows)[:, None].expand(batch, width)
+        # query (g, t) of row b may see key j when j <= positions[b, t]; shape [B, 1, G*T, seen]
+        mask = torch.arange(seen)[None, None, :] <= positions[:, :, None]
+        mask = mask[:, None, None].expand(batch, 1, self.group, width, seen).reshape(batch, 1, self.group * width, seen)
+        hidden = self.embed(ids)
+        cos, sin = self.rotary(hidden, positions)
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(batch, width, self.heads, self.head_dim)
+            k = attn.k_proj(x).view(batch, width, self.kv_heads, self.head_dim)
+            v = attn.v_proj(x).view(batch, width, self.kv_heads, self.head_dim)
+            if hasattr(attn, "q_norm"):  # qwen3 normalizes q and k per head
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            kv.k[index][row_index, :, positions] = k.transpose(1, 2)
+            kv.v[index][row_index, :, positions] = v
+            q = q.reshape(batch, self.kv_heads, self.group * width, self.head_dim)
+            out = F.scaled_dot_product_attention(
+                q, kv.k[index, sel, :, :seen], kv.v[index, sel, :, :seen], attn_mask=mask
+            )
+            out = out.view(batch, self.kv_heads, self.group, width, self.head_dim).permute(0, 3, 1, 2, 4)
+            hidden = hidden + attn.o_proj(out.reshape(batch, width, self.heads * self.head_dim))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        final = self.norm(hidden[torch.arange(batch), last])
+        return self.model.lm_head(final)

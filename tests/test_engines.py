@@ -1,0 +1,218 @@
+"""The fast engine's parts (decoder, caches, continuous batching, prefix reuse), engine selection,
+weight sync and the train/inference consistency check."""
+
+import logging
+import threading
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+from rollmill.config import RolloutConfig
+from rollmill.models import build_char_tokenizer, build_tiny_model
+from rollmill.rollout import GenericHFEngine, HFEngine, SamplingParams, WeightSyncError, build_engine, sync_weights
+from rollmill.rollout.consistency import LogprobMismatchError, check_logprob_gap, logprob_gap
+from rollmill.rollout.decoder import Decoder
+from rollmill.rollout.kv import PrefixStore
+from rollmill.train import build_batch, completion_logprobs
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def gqa_model(tok):
+    return build_tiny_model(len(tok), num_heads=4, num_kv_heads=2, seed=3).eval()
+
+
+def encode(tok, texts):
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def tiny_qwen2(vocab):
+    config = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa", "qwen2"])
+def test_decoder_prefill_and_decode_match_the_transformers_forward(tok, gqa_model, arch):
+    model = gqa_model if arch == "llama_gqa" else tiny_qwen2(len(tok))
+    decoder = Decoder(model)
+    kv = decoder.new_cache(slots=5, capacity=40)
+    ids = torch.randint(3, 90, (3, 12))
+    lengths = torch.tensor([12, 5, 9])
+    rows = [4, 1, 2]  # not contiguous: the gather path
+    logits = decoder.forward(kv, rows, ids, torch.zeros(3, dtype=torch.long), lengths - 1)
+    nxt = torch.randint(3, 90, (3, 1))
+    step = decoder.forward(kv, rows, nxt, lengths, torch.zeros(3, dtype=torch.long))
+    with torch.no_grad():
+        for b in range(3):
+            prompt = ids[b : b + 1, : lengths[b]]
+            assert torch.allclose(logits[b], model(prompt).logits[0, -1], atol=1e-5)
+            assert torch.allclose(step[b], model(torch.cat([prompt, nxt[b : b + 1]], 1)).logits[0, -1], atol=1e-5)
+
+
+def test_decoder_continues_a_row_from_its_cached_prefix(tok, gqa_model):
+    decoder = Decoder(gqa_model)
+    kv = decoder.new_cache(slots=2, capacity=32)
+    ids = torch.randint(3, 90, (1, 10))
+    decoder.forward(kv, [0], ids[:, :6], torch.tensor([0]), torch.tensor([5]))
+    kv.load(1, kv.export(0, 6))
+    rest = decoder.forward(kv, [1], ids[:, 6:], torch.tensor([6]), torch.tensor([3]))
+    with torch.no_grad():
+        assert torch.allclose(rest[0], gqa_model(ids).logits[0, -1], atol=1e-5)
+
+
+def test_prefix_store_finds_the_longest_stored_prefix_and_evicts_lru():
+    kv = lambda n: torch.zeros(2, 1, 1, n, 4)  # noqa: E731  [2, layers, heads, n, dim]: 32 bytes per token
+    store = PrefixStore(max_bytes=32 * 10)
+    store.put([1, 2, 3], kv(3))
+    store.put([1, 2, 3, 4, 5], kv(5))
+    assert store.longest_prefix([1, 2, 3, 4, 5, 6], limit=6)[0] == 5
+    assert store.longest_prefix([1, 2, 3, 4, 5, 6], limit=4)[0] == 3  # a row must keep tokens to feed
+    assert store.longest_prefix([1, 2, 9], limit=3)[0] == 0
+    store.longest_prefix([1, 2, 3, 7], limit=4)  # touch [1, 2, 3]: now the most recently used
+    store.put([7, 8, 9], kv(3))  # 11 tokens > 10: the least recently used entry goes
+    assert store.longest_prefix([1, 2, 3, 4, 5, 6], limit=6)[0] == 3
+    assert store.nbytes == 32 * 6 and len(store) == 2
+    store.clear()
+    assert store.longest_prefix([1, 2, 3, 4], limit=4) == (0, None) and store.nbytes == 0
+
+
+def test_continuous_batching_gives_the_results_of_one_sequence_at_a_time(tok, gqa_model):
+    # 3 prompts x 3 samples through 4 rows: groups wait, finished rows are refilled and packed
+    prompts = encode(tok, ["abc", "what is 3+4?", "xyz xyz x"])
+    sp = SamplingParams(temperature=0.0, max_new_tokens=14, n=3, stop=("ccc", "xxxxx"))  # greedy repeats the last char
+    packed = HFEngine(gqa_model, tok, batch_size=4, prefix_cache_mb=0).generate(prompts, sp)
+    alone = HFEngine(gqa_model, tok, batch_size=1, prefix_cache_mb=0)
+    reference = [c for p in prompts for c in alone.generate([p], sp)]
+    assert len({len(c.token_ids) for c in packed}) > 1, "rows should finish at different times"
+    assert [c.prompt_index for c in packed] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [c.token_ids for c in packed] == [c.token_ids for c in reference]
+    assert [c.finish_reason for c in packed] == [c.finish_reason for c in reference]
+    for x, y in zip(packed, reference):
+        assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5)
+
+
+def test_identical_prompts_are_prefilled_once(tok, gqa_model):
+    engine = HFEngine(gqa_model, tok, prefix_cache_mb=0)
+    prompt = encode(tok, ["the same start of an episode"])[0]
+    out = engine.generate([prompt] * 4, SamplingParams(max_new_tokens=5, n=2), seed=0)
+    assert engine.stats.prefill_tokens == len(prompt)
+    assert [c.prompt_index for c in out] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_next_turn_reuses_the_cached_conversation_and_matches_a_full_prefill(tok, gqa_model):
+    cached = HFEngine(gqa_model, tok, prefix_cache_mb=64)
+    plain = HFEngine(gqa_model, tok, prefix_cache_mb=0)
+    contexts = encode(tok, ["turn one: hello", "another episode"])
+    sp = SamplingParams(temperature=0.0, max_new_tokens=8)
+    for turn in range(3):
+        a, b = cached.generate(contexts, sp), plain.generate(contexts, sp)
+        assert [c.token_ids for c in a] == [c.token_ids for c in b]
+        for x, y in zip(a, b):
+            assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5)
+        observation = encode(tok, [f" obs {turn}: ok."])[0]
+        contexts = [ctx + c.token_ids + observation for ctx, c in zip(contexts, a)]
+    # each later turn prefilled only the last reply token and the observation
+    assert cached.stats.reused_tokens > 0
+    assert cached.stats.prefill_tokens < plain.stats.prefill_tokens / 2
+
+
+def test_weight_update_then_generate_equals_a_fresh_engine_with_those_weights(tok):
+    old = build_tiny_model(len(tok), num_kv_heads=2, seed=3).eval()
+    new_weights = build_tiny_model(len(tok), num_kv_heads=2, seed=11).state_dict()
+    updated = HFEngine(old, tok)
+    prompts = encode(tok, ["hello", "a longer prompt here"])
+    sp = SamplingParams(temperature=1.0, max_new_tokens=10, n=2)
+    first = updated.generate(prompts, sp, seed=5)  # fills the prefix store with old-weight K/V
+    continued = [p + c.token_ids for p, c in zip(prompts, first[::2])]
+    updated.update_weights(new_weights, version=1)
+    fresh = HFEngine(build_tiny_model(len(tok), num_kv_heads=2, seed=11).eval(), tok, version=1)
+    for batch in (prompts, continued):  # `continued` would hit stale K/V if the update kept them
+        a, b = updated.generate(batch, sp, seed=9), fresh.generate(batch, sp, seed=9)
+        assert [c.token_ids for c in a] == [c.token_ids for c in b]
+        assert [c.logprobs for c in a] == [c.logprobs for c in b]
+        assert all(c.policy_version == 1 for c in a)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_fast_engine_logprobs_match_the_trainer(tok, gqa_model, temperature):
+    engine = HFEngine(gqa_model, tok)
+    prompts = encode(tok, ["What is 2 + 2?", "Which is larger, 3 or 9?", "x"])
+    out = engine.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=12, n=3), seed=0)
+    batch = build_batch(out, torch.zeros(len(out)), tok.pad_token_id)
+    with torch.no_grad():
+        logp, _ = completion_logprobs(gqa_model, batch, temperature=temperature)
+    mean, peak = logprob_gap(logp, batch.behaviour_logprobs, batch.mask)
+    assert peak < 1e-4 and mean < 1e-5
+
+
+def test_build_engine_picks_fast_generic_and_falls_back(tok, gqa_model):
+    assert isinstance(build_engine(RolloutConfig(), gqa_model, tok), HFEngine)
+    assert isinstance(build_engine(RolloutConfig(engine="hf_generic"), gqa_model, tok), GenericHFEngine)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    engine = build_engine(RolloutConfig(), gpt2, tok)
+    assert isinstance(engine, GenericHFEngine)
+    assert len(engine.generate(encode(tok, ["hi"]), SamplingParams(max_new_tokens=3), seed=0)[0].token_ids) <= 3
+    with pytest.raises(ValueError, match="gpt2"):
+        HFEngine(gpt2, tok)
+
+
+class _SlowEngine:
+    name = "slow"
+    version = 0
+
+    def __init__(self, delay=None, error=None):
+        self.delay, self.error = delay, error
+        self.release = threading.Event()
+
+    def update_weights(self, state, version):
+        if self.error:
+            raise self.error
+        self.release.wait(self.delay)
+        self.version = version
+
+
+def test_weight_sync_times_out_loudly_naming_the_engine():
+    engine = _SlowEngine(delay=30)
+    with pytest.raises(WeightSyncError, match="slow engine: weight update to version 3 did not finish within 0.2s"):
+        sync_weights(engine, {}, 3, timeout_s=0.2)
+    engine.release.set()
+    with pytest.raises(WeightSyncError, match="failed: boom") as info:
+        sync_weights(_SlowEngine(error=RuntimeError("boom")), {}, 4, timeout_s=5)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    ok = _SlowEngine(delay=0)
+    sync_weights(ok, {}, 5, timeout_s=5)
+    assert ok.version == 5
+
+
+def test_logprob_gap_check_warns_raises_or_stays_quiet(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert check_logprob_gap(0.05, "hf", tolerance=1e-3, action="warn")
+    assert "hf engine" in caplog.text and "1.00e-03" not in caplog.text and "5.00e-02" in caplog.text
+    with pytest.raises(LogprobMismatchError, match="vllm engine"):
+        check_logprob_gap(0.05, "vllm", tolerance=1e-3, action="error")
+    assert not check_logprob_gap(1e-6, "hf", tolerance=1e-3, action="error")
+    assert not check_logprob_gap(0.05, "hf", tolerance=1e-3, action="off")
+    assert not check_logprob_gap(0.05, "hf", tolerance=1e-3, action="error", top_p=0.9)
+
+
+def test_trainer_reports_the_largest_token_gap(tok, gqa_model):
+    from rollmill.config import AlgorithmConfig, TrainConfig
+    from rollmill.train import PolicyTrainer
+
+    import copy
+
+    model = copy.deepcopy(gqa_model)
+    out = HFEngine(model, tok).generate(encode(tok, ["ab", "cd"]), SamplingParams(max_new_tokens=6, n=2), seed=0)
+    out[1].logprobs[2] -= 0.5  # one token's engine log-prob off by 0.5
+    batch = build_batch(out, torch.tensor([1.0, -1.0, 0.5, -0.5]), tok.pad_token_id)
+    metrics = PolicyTrainer(model, TrainConfig(lr=1e-6), AlgorithmConfig()).step(batch)
+    assert metrics["logprob_mismatch_max"] == pytest.approx(0.5, abs=1e-4)
+    tokens = sum(len(c.token_ids) for c in out)
+    assert metrics["logprob_mismatch"] == pytest.approx(0.5 / tokens, abs=1e-4)
