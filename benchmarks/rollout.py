@@ -42,7 +42,9 @@ QUESTIONS = [
     "What causes the seasons on Earth?",
     "Give advice to someone learning to cook.",
 ]
-OBSERVATION = "Observation: the command ran and printed 3 lines. What is your next step?"
+# a rendered game board, about the size of a Sokoban or FrozenLake observation (~60 tokens)
+OBSERVATION = ("You moved right. The board is now:\n#######\n#  .  #\n# $@  #\n#  #  #\n#  $ .#\n#######\n"
+               "Boxes on targets: 0 of 2. What is your next move?")
 
 
 def parse_args(argv=None):
@@ -51,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--episodes", type=int, default=16)
+    p.add_argument("--episodes", type=int, default=32)
     p.add_argument("--turns", type=int, default=5)
     p.add_argument("--turn-tokens", type=int, default=48)
     p.add_argument("--engines", default="generate,hf,hf_nocache,hf_generic,vllm")
@@ -211,6 +213,8 @@ def main(argv=None) -> int:
         gx = g / base["group"]["tok_s"] if "group" in base else math.nan
         mx = m / base["multiturn"]["tok_s"] if "multiturn" in base else math.nan
         print(f"{name:<12}{g:>14.1f}{gx:>12.2f}{m:>18.1f}{mx:>12.2f}")
+        if "stats" in res:
+            print(f"{'':<12}engine counters: " + " ".join(f"{k}={v:.3g}" for k, v in res["stats"].items()))
         fields.update({f"{name}_group_tok_s": g, f"{name}_multiturn_tok_s": m})
         if name != "generate":
             fields.update({f"{name}_group_x": gx, f"{name}_multiturn_x": mx})

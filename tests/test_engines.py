@@ -216,3 +216,23 @@ def test_trainer_reports_the_largest_token_gap(tok, gqa_model):
     assert metrics["logprob_mismatch_max"] == pytest.approx(0.5, abs=1e-4)
     tokens = sum(len(c.token_ids) for c in out)
     assert metrics["logprob_mismatch"] == pytest.approx(0.5 / tokens, abs=1e-4)
+
+
+def test_shared_model_changes_reach_the_engine_only_through_update_weights(tok):
+    # the single-machine default: the trainer steps the engine's own module in place
+    model = build_tiny_model(len(tok), num_kv_heads=2, seed=3).eval()
+    engine = HFEngine(model, tok)
+    prompts = encode(tok, ["hello", "abc"])
+    sp = SamplingParams(temperature=0.0, max_new_tokens=8)
+    before = [c.logprobs for c in engine.generate(prompts, sp)]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert [c.logprobs for c in engine.generate(prompts, sp)] == before  # still serving version 0
+    engine.update_weights(model.state_dict(), version=1)
+    after = engine.generate(prompts, sp)
+    assert [c.logprobs for c in after] != before and all(c.policy_version == 1 for c in after)
+    batch = build_batch(after, torch.zeros(len(after)), tok.pad_token_id)
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, batch)
+    assert logprob_gap(logp, batch.behaviour_logprobs, batch.mask)[1] < 1e-4

@@ -59,9 +59,9 @@ class EngineStats:
 class HFEngine:
     """Fast generation on an in-process Llama-family transformers model.
 
-    The engine may share its module with the trainer (the single-machine default): then
-    `update_weights` sees the trainer's own tensors and only moves the version forward (and drops
-    cached K/V, which belong to the old weights).
+    The engine may share its module with the trainer (the single-machine default); it still serves
+    the weights of the last `update_weights` (its fused copies are rebuilt there, and cached K/V of
+    the old weights dropped), so an optimizer step never changes a rollout in flight.
     """
 
     name = "hf"
@@ -82,6 +82,7 @@ class HFEngine:
 
     def update_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
         copy_weights(self.model, state, engine=self.name)
+        self.decoder.refresh()
         self.prefixes.clear()
         self.version = version
 

@@ -26,7 +26,7 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, model_dir: str | Path, tokenizer, version: int = 0, max_model_len: int = 4096,
+    def __init__(self, model_dir: str | Path, tokenizer, version: int = 0, max_model_len: int | None = None,
                  kv_cache_gib: int = 4, dtype: str = "float32", update_timeout_s: float = 300.0):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
@@ -59,11 +59,16 @@ class VLLMEngine:
         params = [
             VLLMSampling(n=sampling.n, temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
                          max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) or None,
-                         include_stop_str_in_output=True, logprobs=0, top_k=0,
-                         seed=None if seed is None else seed + i)
-            for i in range(len(prompts))
+                         include_stop_str_in_output=True, logprobs=0, top_k=0)
+            for _ in prompts
         ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        # Per-request seeds crash vLLM's CPU runner ("CPU Generator does not use offset"); with the core
+        # in this process, unseeded requests draw from torch's global generator, seeded here instead.
+        with torch.random.fork_rng():
+            if seed is not None:
+                torch.manual_seed(seed)
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         completions = []
         for index, (prompt, out) in enumerate(zip(prompts, outputs)):
             for sample in out.outputs:
