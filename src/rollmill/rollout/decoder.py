@@ -9,11 +9,15 @@ axis, so K/V are never repeated.
 
 The projections run fused (q|k|v and gate|up as one matmul each) on weights copied into oneDNN's
 blocked layout when torch has oneDNN for the model's device: on this class of CPU that is 1.3-2.6x
-the throughput of `F.linear` at decode batch sizes (the vocabulary projection gains most). The copies
-belong to one weight version: `refresh()` rebuilds them, and the engine calls it on every update.
+the throughput of `F.linear` at decode batch sizes (the vocabulary projection gains most). Every
+weight the forward uses (projections, norms, embedding) is a private copy of one weight version:
+`refresh()` takes a new one, and the engine calls it on every update, so a trainer stepping the same
+module in place never changes a rollout halfway.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +85,7 @@ class Decoder:
             raise ValueError(f"Decoder: {problem}")
         self.model = model
         body = model.model
-        self.embed, self.layers, self.norm, self.rotary = body.embed_tokens, body.layers, body.norm, body.rotary_emb
+        self.layers, self.rotary = body.layers, body.rotary_emb  # the rotary embedding holds no weights
         attn = self.layers[0].self_attn
         config = model.config
         self.heads = config.num_attention_heads
@@ -93,7 +97,13 @@ class Decoder:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Rebuild the fused projection weights from the model's current parameters."""
+        """Take a private copy of the model's current weights (fused, packed projections; norms; embedding)."""
+        frozen = lambda module: copy.deepcopy(module).requires_grad_(False)  # noqa: E731
+        self.embed, self.norm = frozen(self.model.model.embed_tokens), frozen(self.model.model.norm)
+        self.input_norms = [frozen(l.input_layernorm) for l in self.layers]
+        self.post_norms = [frozen(l.post_attention_layernorm) for l in self.layers]
+        self.qk_norms = [(frozen(l.self_attn.q_norm), frozen(l.self_attn.k_norm)) if hasattr(l.self_attn, "q_norm")
+                         else None for l in self.layers]
         self.qkv = [fused_linear([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], self.packed)
                     for l in self.layers]
         self.out = [fused_linear([l.self_attn.o_proj], self.packed) for l in self.layers]
@@ -102,7 +112,7 @@ class Decoder:
         self.lm_head = fused_linear([self.model.lm_head], self.packed)
 
     def new_cache(self, slots: int, capacity: int) -> SlotKV:
-        dtype = self.embed.weight.dtype
+        dtype = self.model.model.embed_tokens.weight.dtype
         return SlotKV(len(self.layers), slots, self.kv_heads, capacity, self.head_dim, dtype)
 
     @torch.no_grad()
@@ -130,13 +140,12 @@ class Decoder:
         cos, sin = self.rotary(hidden, positions)
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = self.qkv[index](layer.input_layernorm(hidden)).split([q_width, kv_width, kv_width], dim=-1)
+            q, k, v = self.qkv[index](self.input_norms[index](hidden)).split([q_width, kv_width, kv_width], dim=-1)
             q = q.view(batch, width, self.heads, self.head_dim)
             k = k.view(batch, width, self.kv_heads, self.head_dim)
             v = v.view(batch, width, self.kv_heads, self.head_dim)
-            if hasattr(attn, "q_norm"):  # qwen3 normalizes q and k per head
-                q, k = attn.q_norm(q), attn.k_norm(k)
+            if self.qk_norms[index] is not None:  # qwen3 normalizes q and k per head
+                q, k = self.qk_norms[index][0](q), self.qk_norms[index][1](k)
             q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             kv.k[index][row_index, :, positions] = k.transpose(1, 2)
             kv.v[index][row_index, :, positions] = v
@@ -146,7 +155,7 @@ class Decoder:
             )
             out = out.view(batch, self.kv_heads, self.group, width, self.head_dim).permute(0, 3, 1, 2, 4)
             hidden = hidden + self.out[index](out.reshape(batch, width, q_width))
-            gate, up = self.gate_up[index](layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+            gate, up = self.gate_up[index](self.post_norms[index](hidden)).chunk(2, dim=-1)
             hidden = hidden + self.down[index](layer.mlp.act_fn(gate) * up)
         final = self.norm(hidden[torch.arange(batch), last])
         return self.lm_head(final)
