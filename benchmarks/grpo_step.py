@@ -80,7 +80,9 @@ def bench_rollmill(args) -> dict:
             t0 = time.perf_counter()
             rec = pipe.rollout_and_train()
             steps.append({"step": time.perf_counter() - t0, "gen": rec["time/rollout_s"], "update": rec["time/train_s"],
-                          "len": rec["response_length/mean"]})
+                          "len": rec["response_length/mean"], "old_logp": rec.get("time/old_logprobs_s", 0.0),
+                          "fwd_bwd": rec.get("time/forward_backward_s", 0.0), "optim": rec.get("time/optimizer_s", 0.0),
+                          "sync": rec.get("time/sync_s", 0.0)})
     return {"steps": steps}
 
 
@@ -258,6 +260,13 @@ def main(argv=None) -> int:
               "rollmill_gen_s": r.get("gen"), "rollmill_train_s": r.get("train"), "rollmill_update_s": r.get("update"),
               "trl_gen_s": t.get("gen"), "trl_train_s": t.get("train"),
               "rollmill_rss_mib": r.get("rss_mib"), "trl_rss_mib": t.get("rss_mib")}
+    if r:
+        rest = r["step"] - r["gen"] - r["fwd_bwd"] - r["optim"] - r["old_logp"] - r["sync"]
+        print(f"rollmill step breakdown (s): rollout {r['gen']:.2f} | old-logprob recompute {r['old_logp']:.2f} | "
+              f"forward+backward {r['fwd_bwd']:.2f} | optimizer {r['optim']:.2f} | weight sync {r['sync']:.2f} | "
+              f"other (scoring, advantages, logging) {rest:.2f}")
+        fields.update({"rollmill_fwd_bwd_s": r["fwd_bwd"], "rollmill_optim_s": r["optim"],
+                       "rollmill_old_logp_s": r["old_logp"], "rollmill_sync_s": r["sync"]})
     extra = f"completions={args.prompts * args.group} max_new_tokens={args.max_new_tokens} model={args.model}"
     print("RESULT " + " ".join(f"{k}={math.nan if v is None else v:.3f}" for k, v in fields.items()) + " " + extra)
     return 1 if failed else 0

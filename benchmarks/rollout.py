@@ -112,12 +112,21 @@ class HFGenerate:
 class RollmillEngine:
     def __init__(self, engine):
         self.engine = engine
+        self.last = []
 
     def generate(self, prompts, new_tokens):
         from rollmill.rollout import SamplingParams
 
-        out = self.engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=new_tokens), seed=0)
-        return [c.token_ids for c in out]
+        self.last = self.engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=new_tokens), seed=0)
+        return [c.token_ids for c in self.last]
+
+
+def consistency(model, tok, completions) -> dict:
+    """Engine vs trainer log-probs of the same sampled tokens (same weights, temperature 1)."""
+    from rollmill.train import engine_logprob_gap
+
+    gap = engine_logprob_gap(model, completions, tok.pad_token_id)
+    return {"logprob_gap_mean": gap["mean"], "logprob_gap_max": gap["max"], "tokens": gap["tokens"]}
 
 
 def build(name, model, tok):
@@ -164,7 +173,10 @@ def run_only(args) -> dict:
     model, tok = load(args)
     runner = build(args.only, model, tok)
     runner.generate(chat_prompts(tok, 2), 4)  # warm-up: first-call allocations and lazy inits
-    res = {"group": group_case(runner, tok, args), "multiturn": multiturn_case(runner, tok, args)}
+    res = {"group": group_case(runner, tok, args)}
+    if isinstance(runner, RollmillEngine):
+        res["consistency"] = consistency(model, tok, runner.last[:16])
+    res["multiturn"] = multiturn_case(runner, tok, args)
     stats = getattr(getattr(runner, "engine", None), "stats", None)
     if stats is not None and hasattr(stats, "__dict__"):
         res["stats"] = dict(vars(stats))
@@ -213,6 +225,11 @@ def main(argv=None) -> int:
         gx = g / base["group"]["tok_s"] if "group" in base else math.nan
         mx = m / base["multiturn"]["tok_s"] if "multiturn" in base else math.nan
         print(f"{name:<12}{g:>14.1f}{gx:>12.2f}{m:>18.1f}{mx:>12.2f}")
+        if "consistency" in res:
+            c = res["consistency"]
+            print(f"{'':<12}log-prob gap vs trainer over {c['tokens']:.0f} tokens: mean {c['logprob_gap_mean']:.2e} "
+                  f"max {c['logprob_gap_max']:.2e}")
+            fields.update({f"{name}_logprob_gap_mean": c["logprob_gap_mean"], f"{name}_logprob_gap_max": c["logprob_gap_max"]})
         if "stats" in res:
             print(f"{'':<12}engine counters: " + " ".join(f"{k}={v:.3g}" for k, v in res["stats"].items()))
         fields.update({f"{name}_group_tok_s": g, f"{name}_multiturn_tok_s": m})
@@ -220,7 +237,7 @@ def main(argv=None) -> int:
             fields.update({f"{name}_group_x": gx, f"{name}_multiturn_x": mx})
     shape = (f"model={args.model} group={args.prompts}x{args.group}x{args.new_tokens} "
              f"multiturn={args.episodes}x{args.turns}x{args.turn_tokens}")
-    print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in fields.items()) + " " + shape)
+    print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in fields.items()) + " " + shape)
     return 1 if any(r.get("error") == "failed" for r in rows.values()) else 0
 
 

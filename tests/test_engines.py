@@ -11,10 +11,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausa
 from rollmill.config import RolloutConfig
 from rollmill.models import build_char_tokenizer, build_tiny_model
 from rollmill.rollout import GenericHFEngine, HFEngine, SamplingParams, WeightSyncError, build_engine, sync_weights
-from rollmill.rollout.consistency import LogprobMismatchError, check_logprob_gap, logprob_gap
+from rollmill.rollout.consistency import LogprobMismatchError, check_logprob_gap
 from rollmill.rollout.decoder import Decoder
 from rollmill.rollout.kv import PrefixStore
-from rollmill.train import build_batch, completion_logprobs
+from rollmill.train import build_batch, engine_logprob_gap
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +145,8 @@ def test_fast_engine_logprobs_match_the_trainer(tok, gqa_model, temperature):
     engine = HFEngine(gqa_model, tok)
     prompts = encode(tok, ["What is 2 + 2?", "Which is larger, 3 or 9?", "x"])
     out = engine.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=12, n=3), seed=0)
-    batch = build_batch(out, torch.zeros(len(out)), tok.pad_token_id)
-    with torch.no_grad():
-        logp, _ = completion_logprobs(gqa_model, batch, temperature=temperature)
-    mean, peak = logprob_gap(logp, batch.behaviour_logprobs, batch.mask)
+    gap = engine_logprob_gap(gqa_model, out, tok.pad_token_id, temperature=temperature)
+    mean, peak = gap["mean"], gap["max"]
     assert peak < 1e-4 and mean < 1e-5
 
 
@@ -232,7 +230,4 @@ def test_shared_model_changes_reach_the_engine_only_through_update_weights(tok):
     engine.update_weights(model.state_dict(), version=1)
     after = engine.generate(prompts, sp)
     assert [c.logprobs for c in after] != before and all(c.policy_version == 1 for c in after)
-    batch = build_batch(after, torch.zeros(len(after)), tok.pad_token_id)
-    with torch.no_grad():
-        logp, _ = completion_logprobs(model, batch)
-    assert logprob_gap(logp, batch.behaviour_logprobs, batch.mask)[1] < 1e-4
+    assert engine_logprob_gap(model, after, tok.pad_token_id)["max"] < 1e-4

@@ -4,7 +4,7 @@ import torch
 from rollmill.config import AlgorithmConfig, TrainConfig
 from rollmill.models import build_char_tokenizer, build_tiny_model
 from rollmill.rollout import Completion
-from rollmill.train import PolicyTrainer, build_batch
+from rollmill.train import PolicyTrainer, build_batch, completion_logprobs
 
 
 def completion(prompt, tokens, lps=None):
@@ -81,21 +81,28 @@ def test_kl_to_reference_is_reported_and_penalized():
     assert metrics["kl"] > 0
 
 
-def test_shared_prompt_prefill_matches_separate_forwards():
-    from rollmill.train.trainer import _completion_logits
-
+def test_packed_logprobs_and_grads_match_one_plain_forward_per_row():
+    # rows sharing a prompt are packed into one sequence; padding is never computed
     tok = build_char_tokenizer()
-    model = build_tiny_model(len(tok), seed=3)
-    prompts = [[5, 6, 7], [5, 6, 7], [9, 8], [5, 6, 7], [9, 8]]
-    comps = [completion(p, [10 + i, 11, 12 + i][: 1 + i % 3]) for i, p in enumerate(prompts)]
-    batch = build_batch(comps, torch.ones(5), pad_id=2)
-    shared = _completion_logits(model, batch)
-    loss = (shared.log_softmax(-1)[..., 3] * batch.mask).sum()
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    separate = torch.cat([_completion_logits(model, batch.select(slice(i, i + 1))) for i in range(5)])
-    assert torch.allclose(shared * batch.mask[..., None], separate * batch.mask[..., None], atol=1e-5)
-    loss2 = (separate.log_softmax(-1)[..., 3] * batch.mask).sum()
-    for g1, g2 in zip(grads, torch.autograd.grad(loss2, list(model.parameters()))):
+    model = build_tiny_model(len(tok), seed=3, num_kv_heads=2)
+    prompts = [[5, 6, 7], [5, 6, 7], [9, 8], [5, 6, 7], [9, 8], [4]]
+    comps = [completion(p, [10 + i, 11, 12 + i, 13][: 1 + i % 4]) for i, p in enumerate(prompts)]
+    comps.append(completion([4, 4], []))  # an empty completion: all padding, log-prob 0
+    batch = build_batch(comps, torch.ones(len(comps)), pad_id=2)
+    packed, entropy = completion_logprobs(model, batch, temperature=0.7, with_entropy=True)
+    reference = torch.zeros_like(packed)
+    ref_entropy = torch.zeros_like(packed)
+    for r, c in enumerate(comps):
+        n = len(c.token_ids)
+        if n:
+            logits = model(torch.tensor([c.prompt_ids + c.token_ids])).logits[0, len(c.prompt_ids) - 1 : -1] / 0.7
+            reference[r, :n] = logits.log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+            ref_entropy[r, :n] = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).detach()
+    assert torch.allclose(packed, reference, atol=1e-5)
+    assert torch.allclose(entropy, ref_entropy, atol=1e-5)
+    assert packed[-1].abs().sum() == 0
+    params = list(model.parameters())
+    for g1, g2 in zip(torch.autograd.grad(packed.sum(), params), torch.autograd.grad(reference.sum(), params)):
         assert torch.allclose(g1, g2, atol=1e-5)
 
 
@@ -112,3 +119,19 @@ def test_truncated_is_and_mismatch_filter_use_behaviour_logprobs():
     plain = PolicyTrainer(build_tiny_model(len(tok), seed=3), TrainConfig(lr=1e-2), AlgorithmConfig())
     ratio = capped.step(batch)["grad_norm"] / plain.step(batch)["grad_norm"]
     assert 0 < ratio < 0.1  # weights min(exp(logp + 1), 1) ~ 0.03 scale the gradient down
+
+
+def test_long_completions_split_into_several_packed_sequences(monkeypatch):
+    import rollmill.train.logprobs as logprobs
+
+    monkeypatch.setattr(logprobs, "PACK_TOKENS", 8)
+    tok = build_char_tokenizer()
+    model = build_tiny_model(len(tok), seed=3)
+    comps = [completion([5, 6, 7], [10 + i, 11, 12, 13]) for i in range(3)]
+    batch = build_batch(comps, torch.ones(3), pad_id=2)
+    ids = logprobs._packed_layout(batch)[0]
+    assert ids.shape[0] == 3  # 3 + 4 + 4 > 8: every completion gets its own copy of the prompt
+    with torch.no_grad():
+        split = completion_logprobs(model, batch)[0]
+        monkeypatch.setattr(logprobs, "PACK_TOKENS", 1024)
+        assert torch.allclose(split, completion_logprobs(model, batch)[0], atol=1e-5)

@@ -84,7 +84,9 @@ class RLVRPipeline(BasePipeline):
             log.warning("step %d: no informative group after %d refills; no update this step", self.step + 1, rounds)
         t_train = time.perf_counter() - t0 - t_rollout
         self.step += 1
+        t_sync = time.perf_counter()
         self._sync_weights()
+        t_sync = time.perf_counter() - t_sync
         for line in sampled.errors[:3]:
             log.warning("step %d: reward failed: %s", self.step, line)
         if sampled.errors:
@@ -94,7 +96,7 @@ class RLVRPipeline(BasePipeline):
             record.update({"filter/kept_groups": len(kept.examples), "filter/sampled_groups": len(sampled.examples),
                            "filter/refill_rounds": rounds})
         tokens = sum(len(c.token_ids) for c in sampled.completions)
-        record.update({"time/rollout_s": t_rollout, "time/train_s": t_train,
+        record.update({"time/rollout_s": t_rollout, "time/train_s": t_train, "time/sync_s": t_sync,
                        "throughput/tokens_per_s": tokens / (t_rollout + t_train),
                        "throughput/rollout_tokens_per_s": tokens / t_rollout})
         self.logger.log_samples(self.step, _sample_dump(sampled, cfg.log.samples_per_step))

@@ -9,16 +9,15 @@ caching gives KV reuse across the turns of an episode; it is reset on every weig
 
 from __future__ import annotations
 
-import logging
 import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
 
 from rollmill.rollout.engine import Completion, SamplingParams
-
-log = logging.getLogger(__name__)
 
 
 class VLLMEngine:
@@ -45,9 +44,15 @@ class VLLMEngine:
     def from_model(cls, model, tokenizer, **kwargs) -> VLLMEngine:
         """Serve an in-memory transformers model: saved once to a temporary folder vLLM reads at start-up."""
         folder = Path(tempfile.mkdtemp(prefix="rollmill-vllm-"))
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-        return cls(folder, tokenizer, **kwargs)
+        try:
+            model.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+            engine = cls(folder, tokenizer, **kwargs)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        weakref.finalize(engine, shutil.rmtree, folder, True)  # vLLM has read it; remove it with the engine
+        return engine
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, seed: int | None = None) -> list[Completion]:
         from vllm import SamplingParams as VLLMSampling

@@ -2,13 +2,15 @@
 
 from rollmill.train.batch import TrainBatch, build_batch
 from rollmill.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from rollmill.train.trainer import PolicyTrainer, completion_logprobs
+from rollmill.train.logprobs import completion_logprobs, engine_logprob_gap
+from rollmill.train.trainer import PolicyTrainer
 
 __all__ = [
     "PolicyTrainer",
     "TrainBatch",
     "build_batch",
     "completion_logprobs",
+    "engine_logprob_gap",
     "list_checkpoints",
     "load_checkpoint",
     "save_checkpoint",

@@ -8,74 +8,18 @@ mini-batch totals, so micro-batching changes memory, never the math.
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from rollmill.algos import POLICY_LOSSES, aggregate_loss, kl_estimate
 from rollmill.algos.agentic import segment_log_ratio, segment_mismatch_mask
 from rollmill.algos.losses import mismatch_mask, tis_weights
 from rollmill.config import AlgorithmConfig, TrainConfig
 from rollmill.train.batch import TrainBatch
-
-
-def _shared_prompt_index(batch: TrainBatch) -> torch.Tensor:
-    """For each row, the index of the first row with the same prompt (groups are usually adjacent)."""
-    prompts = batch.input_ids[:, : batch.prompt_width]
-    first: dict[tuple, int] = {}
-    return torch.tensor([first.setdefault(tuple(row.tolist()), i) for i, row in enumerate(prompts)])
-
-
-def _completion_logits(model: PreTrainedModel, batch: TrainBatch) -> torch.Tensor:
-    """Logits [B, C, V] predicting each completion token.
-
-    Rows that share a prompt (the G samples of a group) share one prefill: the prompt runs once,
-    its KV cache is indexed out to every row, and the completions run on top of it. Gradients flow
-    back through the shared cache, so this is the same function as G separate forwards at a
-    fraction of the cost when prompts are long next to completions.
-    """
-    p, c = batch.prompt_width, batch.completion_width
-    owner = _shared_prompt_index(batch)
-    unique, row_to_unique = torch.unique(owner, return_inverse=True)
-    if len(unique) == batch.size:
-        return model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-            logits_to_keep=c + 1, use_cache=False,
-        ).logits[:, :c]
-    cache = DynamicCache()
-    first = model(
-        input_ids=batch.input_ids[unique, :p], attention_mask=batch.attention_mask[unique, :p],
-        position_ids=batch.position_ids[unique, :p], past_key_values=cache, use_cache=True, logits_to_keep=1,
-    ).logits[row_to_unique]
-    if c == 1:
-        return first
-    cache.batch_select_indices(row_to_unique)
-    rest = model(
-        input_ids=batch.input_ids[:, p : p + c - 1], attention_mask=batch.attention_mask[:, : p + c - 1],
-        position_ids=batch.position_ids[:, p : p + c - 1], past_key_values=cache, use_cache=True,
-    ).logits
-    return torch.cat([first, rest], dim=1)
-
-
-def completion_logprobs(
-    model: PreTrainedModel, batch: TrainBatch, temperature: float = 1.0, with_entropy: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [B, C] of the completion tokens under `model` (and their entropy, detached).
-
-    Temperature matches the one used for sampling, so ratios compare like with like.
-    """
-    logits = _completion_logits(model, batch).float()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logp_all = logits.log_softmax(dim=-1)
-    targets = batch.input_ids[:, batch.prompt_width :]
-    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+from rollmill.train.logprobs import completion_logprobs
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -142,10 +86,15 @@ class PolicyTrainer:
         by_segment = self.segment_mismatch_bound is not None and batch.segments is not None
         corrects_mismatch = self.algo.tis_cap is not None or self.algo.mismatch_ratio_bounds is not None or by_segment
         single_pass = self.cfg.ppo_epochs == 1 and mini >= batch.size and not corrects_mismatch
+        self._timings = defaultdict(float)
+        t0 = time.perf_counter()
         # With a single pass the detached current log-probs ARE the recomputed old ones: skip a forward.
         old_logp = None if single_pass else self._logprobs_no_grad(self.model, batch)
+        t1 = time.perf_counter()
         if ref_logp is None and self.ref_model is not None:
             ref_logp = self._logprobs_no_grad(self.ref_model, batch)
+        self._timings["time/old_logprobs_s"] = t1 - t0
+        self._timings["time/ref_logprobs_s"] = time.perf_counter() - t1
         if self.algo.mismatch_ratio_bounds is not None or by_segment:
             if by_segment:
                 kept = segment_mismatch_mask(old_logp, batch.behaviour_logprobs, batch.segments, batch.mask,
@@ -179,6 +128,7 @@ class PolicyTrainer:
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["logprob_mismatch_max"] = self._mismatch_max
+        metrics.update(self._timings)
         if self.algo.mismatch_ratio_bounds is not None or by_segment:
             metrics["mismatch/dropped_tokens"] = dropped
         return metrics
@@ -188,6 +138,7 @@ class PolicyTrainer:
         num_seqs = float((mini.mask.sum(-1) > 0).sum())
         norm_length = self.max_new_tokens or mini.completion_width
         self.optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
         for sl, micro in mini.micro_batches(self.cfg.micro_batch_size):
             logp, entropy = completion_logprobs(self.model, micro, self.temperature, with_entropy=True)
             old = logp.detach() if old_logp is None else old_logp[index[sl]]
@@ -221,7 +172,10 @@ class PolicyTrainer:
                     sums["logprob_mismatch"] += float(gap.sum())
                     self._mismatch_max = max(self._mismatch_max, float(gap.max()))
                 sums["tokens"] += float(m.sum())
+        t1 = time.perf_counter()
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         self.optimizer.step()
+        self._timings["time/forward_backward_s"] += t1 - t0
+        self._timings["time/optimizer_s"] += time.perf_counter() - t1
         return float(grad_norm)

@@ -1,0 +1,115 @@
+"""Log-probs of completion tokens under a model, computed on packed sequences (no padding FLOPs).
+
+The rows of a batch that share a prompt (the G samples of a group) become one packed sequence:
+the prompt once, then each completion after it. A block mask lets every completion see the prompt
+and its own earlier tokens only, and positions restart after the prompt for each completion, so
+the result is exactly that of G separate forwards: prompt prefill is paid once per sequence and
+padding is never computed. The vocabulary projection runs only at positions that predict a completion token.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from rollmill.rollout.consistency import logprob_gap
+from rollmill.rollout.engine import Completion
+from rollmill.train.batch import TrainBatch, build_batch
+
+# Attention over a packed sequence costs its length squared (the block mask hides, not skips, the
+# other completions), so long completions (agent episodes) are packed only a few to a sequence.
+PACK_TOKENS = 1024
+
+
+def _packed_layout(batch: TrainBatch):
+    """(ids [S, L], positions [S, L], mask [S, 1, L, L], predictor index, target ids, (row, col) of each target).
+
+    S packed sequences (one per distinct prompt); the predictor of a target is the flat index
+    (s * L + t) of the position whose output predicts it.
+    """
+    p = batch.prompt_width
+    prompt_len = batch.attention_mask[:, :p].sum(-1).tolist()
+    comp_len = batch.attention_mask[:, p:].sum(-1).tolist()
+    by_prompt: dict[tuple, list[int]] = {}
+    for r in range(batch.size):
+        by_prompt.setdefault(tuple(batch.input_ids[r, p - prompt_len[r] : p].tolist()), []).append(r)
+    packs = []  # (prompt, rows): a prompt's rows, split so a sequence stays near PACK_TOKENS
+    for prompt, rows in by_prompt.items():
+        current, length = [], len(prompt)
+        for r in rows:
+            if current and length + comp_len[r] > PACK_TOKENS:
+                packs.append((prompt, current))
+                current, length = [], len(prompt)
+            current.append(r)
+            length += comp_len[r]
+        packs.append((prompt, current))
+    width = max(len(prompt) + sum(comp_len[r] for r in rows) for prompt, rows in packs)
+    count = len(packs)
+    ids = torch.zeros(count, width, dtype=torch.long)
+    positions = torch.zeros(count, width, dtype=torch.long)
+    segment = torch.full((count, width), -1, dtype=torch.long)  # -1 padding, 0 prompt, k>0 completion k
+    predictors, targets, rows_cols = [], [], []
+    for s, (prompt, rows) in enumerate(packs):
+        n = len(prompt)
+        ids[s, :n] = torch.tensor(prompt, dtype=torch.long)
+        positions[s, :n] = torch.arange(n)
+        segment[s, :n] = 0
+        at = n
+        for k, r in enumerate(rows, start=1):
+            c = comp_len[r]
+            if c == 0:
+                continue
+            ids[s, at : at + c] = batch.input_ids[r, p : p + c]
+            positions[s, at : at + c] = n + torch.arange(c)
+            segment[s, at : at + c] = k
+            # token j of the completion is predicted by the prompt's last position (j = 0) or by token j - 1
+            predictors.extend([s * width + n - 1] + [s * width + at + j for j in range(c - 1)])
+            targets.append(batch.input_ids[r, p : p + c])
+            rows_cols.extend((r, j) for j in range(c))
+            at += c
+    q, k = segment[:, :, None], segment[:, None, :]
+    idx = torch.arange(width)
+    causal = idx[None, :] <= idx[:, None]
+    visible = causal & (k >= 0) & ((k == 0) | (k == q))
+    visible |= torch.eye(width, dtype=torch.bool)  # padding sees itself, so no row of the softmax is empty
+    return ids, positions, visible[:, None], torch.tensor(predictors), torch.cat(targets), rows_cols
+
+
+def completion_logprobs(
+    model: PreTrainedModel, batch: TrainBatch, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [B, C] of the completion tokens under `model` (and their entropy, detached); 0 on padding.
+
+    Temperature matches the one used for sampling, so ratios compare like with like.
+    """
+    logp = torch.zeros(batch.mask.shape, dtype=torch.float32)
+    entropy = torch.zeros(batch.mask.shape, dtype=torch.float32) if with_entropy else None
+    if int(batch.attention_mask[:, batch.prompt_width :].sum()) == 0:
+        return logp + 0 * sum(p.sum() for p in model.parameters() if p.requires_grad), entropy
+    ids, positions, mask, predictors, targets, rows_cols = _packed_layout(batch)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    logits = model.get_output_embeddings()(hidden.flatten(0, 1)[predictors]).float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp_all = logits.log_softmax(dim=-1)
+    rows = torch.tensor([r for r, _ in rows_cols])
+    cols = torch.tensor([c for _, c in rows_cols])
+    logp = logp.index_put((rows, cols), logp_all.gather(-1, targets[:, None]).squeeze(-1))
+    if with_entropy:
+        with torch.no_grad():
+            entropy[rows, cols] = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def engine_logprob_gap(
+    model: PreTrainedModel, completions: list[Completion], pad_token_id: int, temperature: float = 1.0
+) -> dict:
+    """How far an engine's sampled-token log-probs are from this model's, for the same completions.
+
+    Returns {"mean", "max", "tokens"}: the per-token mean and max absolute difference, and the count.
+    """
+    batch = build_batch(completions, torch.zeros(len(completions)), pad_token_id)
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, batch, temperature=temperature)
+    mean, peak = logprob_gap(logp, batch.behaviour_logprobs, batch.mask)
+    return {"mean": mean, "max": peak, "tokens": float(batch.mask.sum())}
