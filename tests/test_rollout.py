@@ -109,3 +109,20 @@ def test_inverse_cdf_sampling_matches_the_distribution_and_skips_zero_mass():
     freq = torch.bincount(draws, minlength=5).float() / 20000
     assert freq[1] == 0 and freq[4] == 0  # zero-probability tokens (e.g. top-p filtered) never come up
     assert torch.allclose(freq, probs, atol=0.015)  # 3+ standard errors at n=20000
+
+
+def test_inverse_cdf_sampling_across_blocks_matches_the_distribution():
+    from rollmill.rollout.sampling import BLOCK, sample_inverse_cdf
+
+    vocab, n = 2 * BLOCK + 90, 200_000  # two full blocks and a short tail
+    weights = torch.rand(vocab, generator=torch.Generator().manual_seed(1))
+    weights[BLOCK : 2 * BLOCK] = 0  # a whole block without mass
+    weights[::7] = 0
+    weights[-1] = 0
+    weights[3] = 50.0  # one heavy token: blocks must not be picked uniformly
+    probs = weights / weights.sum()
+    draws = sample_inverse_cdf(weights.expand(n, -1), torch.Generator().manual_seed(0))  # unnormalized input
+    freq = torch.bincount(draws, minlength=vocab).double() / n
+    assert freq[probs == 0].sum() == 0
+    tolerance = 5 * (probs.double() * (1 - probs.double()) / n).sqrt() + 1e-5
+    assert ((freq - probs.double()).abs() <= tolerance).all()

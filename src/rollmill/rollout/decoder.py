@@ -130,6 +130,7 @@ class Decoder:
         seen = int((starts + last).max()) + 1
         if seen >= kv.capacity:
             raise ValueError(f"Decoder.forward: position {seen - 1} needs a cache longer than {kv.capacity - 1}")
+        kv.clean_to(seen)
         contiguous = rows == list(range(rows[0], rows[0] + batch))
         sel = slice(rows[0], rows[0] + batch) if contiguous else torch.tensor(rows)
         row_index = torch.tensor(rows)[:, None].expand(batch, width)

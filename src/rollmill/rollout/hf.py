@@ -93,9 +93,10 @@ class HFEngine:
         if not prompts:
             return []
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        kv = self._cache(max(len(p) for p in prompts) + sampling.max_new_tokens + 2)  # +1 fed token, +1 padding sink
-        rows: list[_Row] = []
         results: list[Completion | None] = [None] * (len(prompts) * sampling.n)
+        # +1 fed token, +1 padding sink
+        kv = self._cache(min(self.batch_size, len(results)), max(len(p) for p in prompts) + sampling.max_new_tokens + 2)
+        rows: list[_Row] = []
         pending = deque(self._groups(prompts, sampling.n))
         logits = torch.empty(0, 0)
         while pending or rows:
@@ -118,11 +119,20 @@ class HFEngine:
                 self.stats.decode_s += time.perf_counter() - t0
         return results
 
-    def _cache(self, capacity: int) -> SlotKV:
-        """The engine's cache, regrown (in steps of 256 positions) when a call needs more room."""
-        if self._kv is None or self._kv.capacity < capacity:
-            self._kv = None  # free the old one before allocating the new one
-            self._kv = self.decoder.new_cache(self.batch_size, -(-capacity // 256) * 256)
+    def _cache(self, slots: int, capacity: int) -> SlotKV:
+        """The engine's cache, regrown when a call needs more rows or positions than it has.
+
+        Positions grow geometrically (x2, in steps of 256): a multi-turn rollout's context grows every
+        turn, and memory is touched only as positions are used (see `SlotKV`), so headroom is free.
+        """
+        old = self._kv
+        if old is not None and old.slots >= slots and old.capacity >= capacity:
+            return old
+        if old is not None:
+            slots = max(slots, old.slots)
+            capacity = old.capacity if old.capacity >= capacity else max(capacity, old.capacity * 2)
+        self._kv = None  # free the old one before allocating the new one
+        self._kv = self.decoder.new_cache(slots, -(-capacity // 256) * 256)
         return self._kv
 
     def _groups(self, prompts: list[list[int]], n: int) -> list[_Group]:
@@ -139,7 +149,7 @@ class HFEngine:
     def _admit(self, kv: SlotKV, rows: list[_Row], pending: deque) -> torch.Tensor | None:
         """Prefill the waiting groups that fit into free rows; return the logits of the new rows."""
         admitted: list[tuple[_Group, int, int]] = []  # group, first row, reused prefix length
-        free = self.batch_size - len(rows)
+        free = kv.slots - len(rows)
         while pending and len(pending[0].outputs) <= free:
             group = pending.popleft()
             first = len(rows)

@@ -21,25 +21,39 @@ class SlotKV:
     """K/V of up to `slots` sequences, each up to `capacity` tokens: tensors [layers, slots, kv_heads, capacity, head_dim]."""
 
     def __init__(self, layers: int, slots: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype):
-        # zeros, not empty: attention multiplies masked-out positions by a zero weight, and 0 * NaN from
-        # uninitialized memory would still be NaN
-        self.k = torch.zeros(layers, slots, kv_heads, capacity, head_dim, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+        # Uninitialized, then zeroed lazily up to the furthest position read or written (`clean_to`):
+        # a generous capacity costs no memory until used, and regrowing is rare. Read positions must
+        # be finite even where masked, since attention multiplies them by a zero weight (0 * NaN = NaN).
+        self.k = torch.empty(layers, slots, kv_heads, capacity, head_dim, dtype=dtype)
+        self.v = torch.empty_like(self.k)
         self.slots = slots
         self.capacity = capacity
+        self.clean = 0  # positions [0, clean) of every row hold finite values
+
+    def clean_to(self, length: int) -> None:
+        """Make positions [0, length) of every row finite (zero those never written).
+
+        Called before positions are read by attention or written: writes beyond `clean` would be
+        zeroed by the next call."""
+        if length > self.clean:
+            self.k[:, :, :, self.clean : length].zero_()
+            self.v[:, :, :, self.clean : length].zero_()
+            self.clean = length
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row `src`'s first `length` positions onto row `dst` (all layers)."""
+        self.clean_to(length)  # clean before writing, or a later clean_to would zero what was written
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
     def export(self, row: int, length: int) -> torch.Tensor:
         """A compact copy [2, layers, kv_heads, length, head_dim] of one row."""
-        return torch.stack([self.k[:, row, :, :length], self.v[:, row, :, :length]]).clone()
+        return torch.stack([self.k[:, row, :, :length], self.v[:, row, :, :length]])  # stack copies
 
     def load(self, row: int, kv: torch.Tensor) -> None:
         """Write an exported prefix into the start of `row`."""
         n = kv.shape[3]
+        self.clean_to(n)
         self.k[:, row, :, :n] = kv[0]
         self.v[:, row, :, :n] = kv[1]
 
