@@ -81,10 +81,21 @@ def test_kl_to_reference_is_reported_and_penalized():
     assert metrics["kl"] > 0
 
 
-def test_packed_logprobs_and_grads_match_one_plain_forward_per_row():
+def tiny_gemma2(vocab):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=5.0)
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(config)
+
+
+# gemma2: eager attention adds the mask to the scores, and its head soft-caps the logits
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_packed_logprobs_and_grads_match_one_plain_forward_per_row(arch):
     # rows sharing a prompt are packed into one sequence; padding is never computed
     tok = build_char_tokenizer()
-    model = build_tiny_model(len(tok), seed=3, num_kv_heads=2)
+    model = build_tiny_model(len(tok), seed=3, num_kv_heads=2) if arch == "llama" else tiny_gemma2(len(tok))
     prompts = [[5, 6, 7], [5, 6, 7], [9, 8], [5, 6, 7], [9, 8], [4]]
     comps = [completion(p, [10 + i, 11, 12 + i, 13][: 1 + i % 4]) for i, p in enumerate(prompts)]
     comps.append(completion([4, 4], []))  # an empty completion: all padding, log-prob 0

@@ -22,7 +22,7 @@ PACK_TOKENS = 1024
 
 
 def _packed_layout(batch: TrainBatch):
-    """(ids [S, L], positions [S, L], mask [S, 1, L, L], predictor index, target ids, (row, col) of each target).
+    """(ids [S, L], positions [S, L], visibility [S, 1, L, L] (bool), predictor index, target ids, (row, col) of each target).
 
     S packed sequences (one per distinct prompt); the predictor of a target is the flat index
     (s * L + t) of the position whose output predicts it.
@@ -75,6 +75,22 @@ def _packed_layout(batch: TrainBatch):
     return ids, positions, visible[:, None], torch.tensor(predictors), torch.cat(targets), rows_cols
 
 
+def _head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits the model's own forward would give from these final hidden states.
+
+    The causal-LM wrappers do more than project on a few architectures: a logit scale (Cohere) and
+    a final tanh soft-cap (Gemma 2/3); skipping them would give silently wrong log-probs.
+    """
+    logits = model.get_output_embeddings()(hidden).float()
+    scale = getattr(model.config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def completion_logprobs(
     model: PreTrainedModel, batch: TrainBatch, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -86,9 +102,12 @@ def completion_logprobs(
     entropy = torch.zeros(batch.mask.shape, dtype=torch.float32) if with_entropy else None
     if int(batch.attention_mask[:, batch.prompt_width :].sum()) == 0:
         return logp + 0 * sum(p.sum() for p in model.parameters() if p.requires_grad), entropy
-    ids, positions, mask, predictors, targets, rows_cols = _packed_layout(batch)
+    ids, positions, visible, predictors, targets, rows_cols = _packed_layout(batch)
+    # additive, not boolean: eager attention (Gemma 2, soft-capped models) adds the mask to the scores
+    dtype = model.get_output_embeddings().weight.dtype
+    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
     hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
-    logits = model.get_output_embeddings()(hidden.flatten(0, 1)[predictors]).float()
+    logits = _head_logits(model, hidden.flatten(0, 1)[predictors])
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logp_all = logits.log_softmax(dim=-1)
