@@ -8,7 +8,8 @@ Two workloads, the same prompts for every engine:
   turn, as a loop without KV reuse must.
 
 Engines: `generate` (the baseline), `hf` (rollmill's HFEngine), `hf_nocache` (HFEngine without its prefix
-store: multi-turn KV reuse off), `hf_generic` (the fallback engine), `vllm` (VLLMEngine, when vllm imports
+store: multi-turn KV reuse off), `hf_bf16` (HFEngine with bf16 weights and K/V: faster, log-probs no longer
+exact), `hf_generic` (the fallback engine), `vllm` (VLLMEngine, when vllm imports
 in the interpreter given by --vllm-python, by default .venv-vllm/bin/python if present).
 Each engine runs in its own subprocess (this script with --only), so memory and threads don't mix.
 Throughput = generated tokens (each sequence up to and including its eos) / wall time. Each engine first
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 
 THREADS = 2
-ENGINES = ["generate", "hf", "hf_nocache", "hf_generic", "vllm"]
+ENGINES = ["generate", "hf", "hf_nocache", "hf_bf16", "hf_generic", "vllm"]
 QUESTIONS = [
     "Write a short story about a robot learning to paint.",
     "Explain why the sky is blue.",
@@ -57,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--episodes", type=int, default=32)
     p.add_argument("--turns", type=int, default=5)
     p.add_argument("--turn-tokens", type=int, default=48)
-    p.add_argument("--engines", default="generate,hf,hf_nocache,hf_generic,vllm")
+    p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--vllm-python", default=None, help="interpreter with vllm installed (default: .venv-vllm/bin/python)")
     p.add_argument("--only", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
@@ -137,11 +138,14 @@ def build(name, model, tok):
         from rollmill.rollout.vllm import VLLMEngine
 
         return RollmillEngine(VLLMEngine.from_model(model, tok))
+    import torch
+
     from rollmill.rollout import GenericHFEngine, HFEngine
 
     if name == "hf_generic":
         return RollmillEngine(GenericHFEngine(model, tok, batch_size=64))
-    return RollmillEngine(HFEngine(model, tok, batch_size=64, prefix_cache_mb=0 if name == "hf_nocache" else 2048))
+    return RollmillEngine(HFEngine(model, tok, batch_size=64, prefix_cache_mb=0 if name == "hf_nocache" else 2048,
+                                   dtype=torch.bfloat16 if name == "hf_bf16" else None))
 
 
 def group_case(runner, tok, args) -> dict:

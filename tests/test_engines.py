@@ -167,6 +167,20 @@ def test_build_engine_picks_fast_generic_and_falls_back(tok, gqa_model):
         HFEngine(gpt2, tok)
 
 
+def test_bf16_engine_samples_in_bf16_and_reports_its_own_logprobs(tok, gqa_model):
+    engine = build_engine(RolloutConfig(dtype="bfloat16"), gqa_model, tok)
+    assert engine.decoder.dtype == torch.bfloat16 and engine.decoder.qkv[0].weight.dtype == torch.bfloat16
+    prompts = encode(tok, ["What is 2 + 2?", "Which is larger, 3 or 9?"])
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=12, n=3), seed=0)
+    assert engine._kv.k.dtype == torch.bfloat16
+    gap = engine_logprob_gap(gqa_model, out, tok.pad_token_id)
+    # really a different (rounded) policy, yet the same one: a bf16-sized gap, not a wrong-weights one
+    assert 1e-5 < gap["mean"] < 5e-2
+    fp32 = HFEngine(gqa_model, tok).generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=12), seed=0)
+    bf16 = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=12), seed=0)
+    assert [c.token_ids[:3] for c in bf16] == [c.token_ids[:3] for c in fp32]
+
+
 class _SlowEngine:
     name = "slow"
     version = 0

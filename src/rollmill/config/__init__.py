@@ -144,6 +144,10 @@ class RolloutConfig(Strict):
     group_size: int = Field(8, gt=0)
     batch_size: int = Field(64, gt=0, description="sequences decoded together")
     prefix_cache_mb: int = Field(1024, ge=0, description="hf engine: K/V of finished sequences kept for the next turn (0: off)")
+    dtype: Literal["model", "bfloat16"] = Field(
+        "model", description="hf engine: weights and K/V in the model's own dtype (exact log-probs) or bfloat16 "
+                             "(faster matmuls; log-probs then differ from an fp32 trainer's by ~1e-2: raise "
+                             "logprob_tolerance and consider algorithm.tis_cap)")
     logprob_tolerance: float = Field(1e-3, gt=0.0, description="mean per-token |engine - trainer| log-prob gap allowed")
     logprob_check: Literal["warn", "error", "off"] = "warn"
     weight_sync_timeout_s: float = Field(300.0, gt=0.0, description="a weight update taking longer is an error")

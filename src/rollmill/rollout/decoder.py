@@ -44,14 +44,13 @@ def fast_path_problem(model) -> str | None:
 class Linear:
     """y = x W^T + b on a private copy of W, in oneDNN's blocked layout when available."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool, dtype: torch.dtype):
         self.out_features, self.in_features = weight.shape
-        self.bias = None if bias is None else bias.detach().clone()
+        self.bias = None if bias is None else bias.detach().to(dtype, copy=True)
         self.packed = packed
-        if packed:
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)  # 32: a decode-sized batch hint
-        else:
-            self.weight = weight.detach().clone()
+        weight = weight.detach().to(dtype, copy=True)
+        # 32: a decode-sized batch hint for the blocked layout
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 32) if packed else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
@@ -59,27 +58,27 @@ class Linear:
         return F.linear(x, self.weight, self.bias)
 
 
-def fused_linear(modules: list[torch.nn.Linear], packed: bool) -> Linear:
-    """One `Linear` computing the outputs of `modules` side by side."""
+def fused_linear(modules: list[torch.nn.Linear], packed: bool, dtype: torch.dtype) -> Linear:
+    """One `Linear` computing the outputs of `modules` side by side, with weights in `dtype`."""
     weight = torch.cat([m.weight for m in modules])
     biases = [m.bias for m in modules]
     bias = None
     if any(b is not None for b in biases):
         bias = torch.cat([b if b is not None else torch.zeros(m.out_features, dtype=m.weight.dtype)
                           for b, m in zip(biases, modules)])
-    return Linear(weight, bias, packed)
+    return Linear(weight, bias, packed, dtype)
 
 
-def can_pack(model) -> bool:
-    """oneDNN's packed linear is a CPU kernel for fp32 (and bf16); elsewhere `F.linear` is used."""
-    weight = model.model.embed_tokens.weight
-    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+def can_pack(model, dtype: torch.dtype) -> bool:
+    """oneDNN's packed linear is a CPU kernel for fp32 and bf16; elsewhere `F.linear` is used."""
+    device = model.model.embed_tokens.weight.device
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
 
 
 class Decoder:
     """Runs rows of a `SlotKV` forward by T tokens each and returns next-token logits."""
 
-    def __init__(self, model):
+    def __init__(self, model, dtype: torch.dtype | None = None):
         problem = fast_path_problem(model)
         if problem:
             raise ValueError(f"Decoder: {problem}")
@@ -92,28 +91,28 @@ class Decoder:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = attn.head_dim
         self.group = self.heads // self.kv_heads
-        self.packed = can_pack(model)
+        self.dtype = dtype or model.model.embed_tokens.weight.dtype
+        self.packed = can_pack(model, self.dtype)
         self.refresh()
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Take a private copy of the model's current weights (fused, packed projections; norms; embedding)."""
-        frozen = lambda module: copy.deepcopy(module).requires_grad_(False)  # noqa: E731
+        frozen = lambda module: copy.deepcopy(module).requires_grad_(False).to(self.dtype)  # noqa: E731
         self.embed, self.norm = frozen(self.model.model.embed_tokens), frozen(self.model.model.norm)
         self.input_norms = [frozen(l.input_layernorm) for l in self.layers]
         self.post_norms = [frozen(l.post_attention_layernorm) for l in self.layers]
         self.qk_norms = [(frozen(l.self_attn.q_norm), frozen(l.self_attn.k_norm)) if hasattr(l.self_attn, "q_norm")
                          else None for l in self.layers]
-        self.qkv = [fused_linear([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], self.packed)
+        self.qkv = [fused_linear([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], self.packed, self.dtype)
                     for l in self.layers]
-        self.out = [fused_linear([l.self_attn.o_proj], self.packed) for l in self.layers]
-        self.gate_up = [fused_linear([l.mlp.gate_proj, l.mlp.up_proj], self.packed) for l in self.layers]
-        self.down = [fused_linear([l.mlp.down_proj], self.packed) for l in self.layers]
-        self.lm_head = fused_linear([self.model.lm_head], self.packed)
+        self.out = [fused_linear([l.self_attn.o_proj], self.packed, self.dtype) for l in self.layers]
+        self.gate_up = [fused_linear([l.mlp.gate_proj, l.mlp.up_proj], self.packed, self.dtype) for l in self.layers]
+        self.down = [fused_linear([l.mlp.down_proj], self.packed, self.dtype) for l in self.layers]
+        self.lm_head = fused_linear([self.model.lm_head], self.packed, self.dtype)
 
     def new_cache(self, slots: int, capacity: int) -> SlotKV:
-        dtype = self.model.model.embed_tokens.weight.dtype
-        return SlotKV(len(self.layers), slots, self.kv_heads, capacity, self.head_dim, dtype)
+        return SlotKV(len(self.layers), slots, self.kv_heads, capacity, self.head_dim, self.dtype)
 
     @torch.no_grad()
     def forward(self, kv: SlotKV, rows: list[int], ids: torch.Tensor, starts: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

@@ -67,10 +67,10 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model: PreTrainedModel, tokenizer, batch_size: int = 64, version: int = 0,
-                 prefix_cache_mb: int = 1024, prefill_tokens: int = 4096):
+                 prefix_cache_mb: int = 1024, prefill_tokens: int = 4096, dtype: torch.dtype | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.decoder = Decoder(model)
+        self.decoder = Decoder(model, dtype)  # dtype None: the model's own
         self.batch_size = batch_size
         self.prefill_tokens = prefill_tokens
         self.version = version
