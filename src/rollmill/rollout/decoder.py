@@ -12,7 +12,8 @@ blocked layout when torch has oneDNN for the model's device: on this class of CP
 the throughput of `F.linear` at decode batch sizes (the vocabulary projection gains most). Every
 weight the forward uses (projections, norms, embedding) is a private copy of one weight version:
 `refresh()` takes a new one, and the engine calls it on every update, so a trainer stepping the same
-module in place never changes a rollout halfway.
+module in place never changes a rollout halfway. The copies may be in another dtype than the model
+(bf16 for speed), which makes the sampled policy a rounded copy of the trained one.
 """
 
 from __future__ import annotations
