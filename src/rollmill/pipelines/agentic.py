@@ -71,12 +71,12 @@ class AgenticPipeline(BasePipeline):
             log.warning("step %d: every group had a failed episode; no update this step", self.step + 1)
         t_train = time.perf_counter() - t0 - t_rollout
         self.step += 1
-        self._sync_weights()
+        t_sync = self._sync_weights()
         for t in [t for t in trajs if t.failed][:3]:
             log.warning("step %d: episode (seed %d) failed: %s", self.step, t.seed, t.error)
         tokens = sum(len(r.token_ids) for t in trajs for r in t.rows)
         record = {"step": self.step, **episode_metrics(trajs), "groups/dropped_for_failure": float(len(failed_groups)),
-                  **train_metrics, "time/rollout_s": t_rollout, "time/train_s": t_train,
+                  **train_metrics, "time/rollout_s": t_rollout, "time/train_s": t_train, "time/sync_s": t_sync,
                   "throughput/tokens_per_s": tokens / (t_rollout + t_train)}
         self.logger.log_samples(self.step, [episode_dump(trajs[i], self.tokenizer) for i in spread(len(trajs), cfg.log.samples_per_step)])
         return record

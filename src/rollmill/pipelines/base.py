@@ -11,6 +11,7 @@ import copy
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,8 +117,11 @@ class BasePipeline:
                                self.cfg.checkpoint.keep, self.critic)
         log.info("step %d: checkpoint saved to %s", self.step, path)
 
-    def _sync_weights(self) -> None:
+    def _sync_weights(self) -> float:
+        """Push the trainer's weights to the engine as version `self.step`; return the seconds it took."""
+        t0 = time.perf_counter()
         sync_weights(self.engine, self.model.state_dict(), self.step, self.cfg.rollout.weight_sync_timeout_s)
+        return time.perf_counter() - t0
 
     def _check_consistency(self, metrics: dict) -> None:
         """Warn or stop (rollout.logprob_check) when the engine's log-probs leave the trainer's."""

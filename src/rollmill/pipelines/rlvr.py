@@ -84,9 +84,7 @@ class RLVRPipeline(BasePipeline):
             log.warning("step %d: no informative group after %d refills; no update this step", self.step + 1, rounds)
         t_train = time.perf_counter() - t0 - t_rollout
         self.step += 1
-        t_sync = time.perf_counter()
-        self._sync_weights()
-        t_sync = time.perf_counter() - t_sync
+        t_sync = self._sync_weights()
         for line in sampled.errors[:3]:
             log.warning("step %d: reward failed: %s", self.step, line)
         if sampled.errors:
