@@ -146,7 +146,7 @@ class RolloutConfig(Strict):
     prefix_cache_mb: int = Field(1024, ge=0, description="hf engine: K/V of finished sequences kept for the next turn (0: off)")
     dtype: Literal["model", "bfloat16"] = Field(
         "model", description="hf engine: weights and K/V in the model's own dtype (exact log-probs) or bfloat16 "
-                             "(faster matmuls; log-probs then differ from an fp32 trainer's by ~1e-2: raise "
+                             "(faster matmuls; log-probs then differ from an fp32 trainer's by ~3e-2 per token: raise "
                              "logprob_tolerance and consider algorithm.tis_cap)")
     logprob_tolerance: float = Field(1e-3, gt=0.0, description="mean per-token |engine - trainer| log-prob gap allowed")
     logprob_check: Literal["warn", "error", "off"] = "warn"
