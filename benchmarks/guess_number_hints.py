@@ -30,7 +30,7 @@ def measure(cfg, checkpoint: Path | None, episodes: int) -> tuple[float, float]:
         load_weights(checkpoint, model)
     loop = AgentLoop(HFEngine(model, tok), tok, cfg.agent, sampling_params(cfg.rollout.sampling, n=1, temperature=1.0))
     envs = [make_env(cfg.env.name, **cfg.env.kwargs) for _ in range(episodes)]
-    trajs = loop.play(envs, [EVAL_SEED_BASE + i for i in range(episodes)], list(range(episodes)), seed=7)
+    trajs = loop.play(envs, [EVAL_SEED_BASE + i for i in range(episodes)], list(range(episodes)), [7 + i for i in range(episodes)])
     inside = total = 0
     for traj in trajs:
         for turn in traj.turns[1:]:

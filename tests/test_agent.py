@@ -12,23 +12,26 @@ from rollmill.config import AgentConfig
 from rollmill.envs import make_env
 from rollmill.models.tiny import build_char_tokenizer, build_tiny_model
 from rollmill.rollout import Completion, HFEngine, SamplingParams
+from rollmill.rollout.engine import BatchEngine
 from rollmill.train.batch import build_row_batch
 from rollmill.train.trainer import completion_logprobs
 
 OPTIMAL = ["down", "down", "right", "down", "right", "right"]
 
 
-class ScriptedEngine:
+class ScriptedEngine(BatchEngine):
     """Every live episode gets the script's reply for the current turn (+ eos); records each call's prompts."""
 
     def __init__(self, tokenizer, script: list[str]):
+        super().__init__()
         self.tokenizer, self.script, self.version, self.calls = tokenizer, script, 0, []
 
-    def generate(self, prompts, sampling, seed=None):
+    def _run_batch(self, requests):
         text = self.script[len(self.calls)]
-        self.calls.append([list(p) for p in prompts])
+        self.calls.append([list(r.prompt_ids) for r in requests])
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        return [Completion(i, list(p), ids, [-0.5] * len(ids), text, "stop", self.version) for i, p in enumerate(prompts)]
+        return [Completion(0, list(r.prompt_ids), ids, [-0.5] * len(ids), text, "stop", self.version, request_id=r.id)
+                for r in requests]
 
 
 @pytest.fixture
@@ -43,7 +46,7 @@ def loop_for(engine, tok, **agent):
 
 def test_scripted_optimal_episode_succeeds_and_trains_exactly_the_replies(tok):
     engine = ScriptedEngine(tok, OPTIMAL)
-    traj = loop_for(engine, tok).play([make_env("frozenlake")], [0], [0], seed=0)[0]
+    traj = loop_for(engine, tok).play([make_env("frozenlake")], [0], [0], [0])[0]
     assert traj.success and traj.end_reason == "terminated" and traj.num_turns == 6 and traj.reward == 1.0
     assert len(traj.rows) == 1
     row = traj.rows[0]
@@ -60,7 +63,7 @@ def test_scripted_optimal_episode_succeeds_and_trains_exactly_the_replies(tok):
 def test_appended_tokens_render_the_same_text_as_the_chat_template(tok):
     engine = ScriptedEngine(tok, OPTIMAL)
     loop = loop_for(engine, tok)
-    traj = loop.play([make_env("frozenlake")], [0], [0], seed=0)[0]
+    traj = loop.play([make_env("frozenlake")], [0], [0], [0])[0]
     messages = [{"role": "system", "content": traj.info["system"]}, {"role": "user", "content": traj.initial_observation}]
     for t in traj.turns[:-1]:
         messages += [{"role": "assistant", "content": t.reply}, {"role": "user", "content": t.observation}]
@@ -80,7 +83,7 @@ def test_reply_cut_by_length_gets_the_end_of_turn_as_env_text(tok):
 
 def test_invalid_actions_are_penalised_counted_and_leave_the_state(tok):
     engine = ScriptedEngine(tok, ["jump", "down", "fly"])
-    traj = loop_for(engine, tok, max_turns=3, invalid_action_penalty=-0.25).play([make_env("frozenlake")], [0], [0], seed=0)[0]
+    traj = loop_for(engine, tok, max_turns=3, invalid_action_penalty=-0.25).play([make_env("frozenlake")], [0], [0], [0])[0]
     assert [t.invalid for t in traj.turns] == [True, False, True]
     assert [t.reward for t in traj.turns] == [-0.25, 0.0, -0.25]
     assert traj.turns[0].state == traj.turns[1].state != traj.turns[2].state
@@ -101,7 +104,7 @@ def test_unparsable_reply_is_invalid_without_calling_the_env(tok):
             return "ok", 0.0, False, False, {}
 
     engine = ScriptedEngine(tok, ["no tags here", "<action>go</action>"])
-    traj = loop_for(engine, tok, action_format="tag", max_turns=2).play([Counting()], [0], [0], seed=0)[0]
+    traj = loop_for(engine, tok, action_format="tag", max_turns=2).play([Counting()], [0], [0], [0])[0]
     assert calls == ["go"] and [t.invalid for t in traj.turns] == [True, False]
 
 
@@ -123,7 +126,7 @@ def test_parse_action(fmt, reply, expected):
 def test_sliding_window_starts_a_new_row_when_history_is_dropped(tok):
     engine = ScriptedEngine(tok, ["right", "left", "right", "left"])
     traj = loop_for(engine, tok, max_turns=4, context="sliding_window", window_turns=1).play(
-        [make_env("frozenlake")], [0], [0], seed=0)[0]
+        [make_env("frozenlake")], [0], [0], [0])[0]
     # turns 0-1 share the first row; from turn 2 on the oldest turn is dropped, so each turn is a row
     assert [t.row for t in traj.turns] == [0, 0, 1, 2]
     assert traj.trained_tokens() == [
@@ -135,7 +138,7 @@ def test_sliding_window_starts_a_new_row_when_history_is_dropped(tok):
 def test_truncate_observations_keeps_replies_and_omits_old_observations(tok):
     engine = ScriptedEngine(tok, ["right", "left", "right", "left"])
     traj = loop_for(engine, tok, max_turns=4, context="truncate_observations", window_turns=1).play(
-        [make_env("frozenlake")], [0], [0], seed=0)[0]
+        [make_env("frozenlake")], [0], [0], [0])[0]
     assert [t.row for t in traj.turns] == [0, 0, 0, 1]
     prompt = tok.decode(traj.rows[1].prompt_ids)
     assert prompt.count("(observation omitted)") == 1 and prompt.count("assistant\nright") == 2
@@ -145,7 +148,7 @@ def test_truncate_observations_keeps_replies_and_omits_old_observations(tok):
 def test_plain_transcript_appends_observations_after_replies(tok):
     engine = ScriptedEngine(tok, ["d", "d"])
     traj = loop_for(engine, tok, max_turns=2, chat_template=False, system_prompt="", format_hint=False).play(
-        [make_env("frozenlake", view="cell")], [0], [0], seed=0)[0]
+        [make_env("frozenlake", view="cell")], [0], [0], [0])[0]
     row = traj.rows[0]
     eos = tok.eos_token
     assert tok.decode(row.prompt_ids + row.token_ids, skip_special_tokens=False) == f"Ad{eos}\nEd{eos}"
@@ -154,7 +157,7 @@ def test_plain_transcript_appends_observations_after_replies(tok):
 
 def test_keep_all_ends_an_episode_that_outgrows_the_context(tok):
     engine = ScriptedEngine(tok, ["right", "left"] * 10)
-    traj = loop_for(engine, tok, max_turns=20, max_context_tokens=400).play([make_env("frozenlake")], [0], [0], seed=0)[0]
+    traj = loop_for(engine, tok, max_turns=20, max_context_tokens=400).play([make_env("frozenlake")], [0], [0], [0])[0]
     assert traj.end_reason == "context" and traj.truncated and 0 < traj.num_turns < 20
     assert len(traj.rows[0].context) + 8 > 400  # the next turn would not have fit
 
@@ -182,7 +185,7 @@ def test_broken_envs_fail_their_episode_and_others_go_on(tok):
     engine = ScriptedEngine(tok, ["go"])
     loop = AgentLoop(engine, tok, AgentConfig(action_format="raw"), SamplingParams(max_new_tokens=4), step_timeout_s=0.3)
     start = time.monotonic()
-    trajs = loop.play([Broken("raise"), Broken("hang"), Broken("ok"), Broken("bad_reset")], [0, 1, 2, 3], [0, 1, 2, 3], seed=0)
+    trajs = loop.play([Broken("raise"), Broken("hang"), Broken("ok"), Broken("bad_reset")], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3])
     assert time.monotonic() - start < 3
     assert [t.failed for t in trajs] == [True, True, False, True]
     assert trajs[3].end_reason == "env_error" and "reset" in trajs[3].error and trajs[3].num_turns == 0
@@ -198,7 +201,7 @@ def test_env_tokens_never_receive_gradient(tok):
     model = build_tiny_model(len(tok), seed=0)
     engine = HFEngine(model, tok)
     loop = AgentLoop(engine, tok, AgentConfig(action_format="raw", max_turns=3), SamplingParams(max_new_tokens=3))
-    trajs = loop.play([make_env("frozenlake") for _ in range(2)], [0, 1], [0, 0], seed=1)
+    trajs = loop.play([make_env("frozenlake") for _ in range(2)], [0, 1], [0, 0], [1, 2])
     rows = [r for t in trajs for r in t.rows]
     advs = [[0.7 if m else 0.0 for m in r.mask] for r in rows]
 

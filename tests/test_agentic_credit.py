@@ -1,4 +1,4 @@
-"""Worked examples of ALGORITHMS.md §4.2-§4.4 (GiGPO, IPA, TP-GRPO turning points), edge cases, gradients."""
+"""Worked examples of docs/algorithms.md §4.2-§4.4 (GiGPO, IPA, TP-GRPO turning points), edge cases, gradients."""
 
 import math
 

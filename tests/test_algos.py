@@ -1,4 +1,4 @@
-"""Worked examples from shared/ALGORITHMS.md, asserted to 1e-5, plus edge cases and gradients."""
+"""Worked examples from docs/algorithms.md, asserted to 1e-5, plus edge cases and gradients."""
 
 import pytest
 import torch

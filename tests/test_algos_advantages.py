@@ -1,4 +1,4 @@
-"""Worked examples of ALGORITHMS.md §1.2, §1.3, §2.1, §2.6, §2.7, §2.12 asserted to 1e-5, edge cases, gradients."""
+"""Worked examples of docs/algorithms.md §1.2, §1.3, §2.1, §2.6, §2.7, §2.12 asserted to 1e-5, edge cases, gradients."""
 
 import numpy as np
 import pytest

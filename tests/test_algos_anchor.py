@@ -10,7 +10,7 @@ from rollmill.algos.anchor import (
     waad,
 )
 
-# ALGORITHMS.md §4.5 worked example: one head, five tokens, causal rows.
+# docs/algorithms.md §4.5 worked example: one head, five tokens, causal rows.
 SPEC_ATTN = torch.tensor(
     [
         [1.0, 0, 0, 0, 0],

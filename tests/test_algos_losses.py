@@ -1,4 +1,4 @@
-"""Policy losses and IS helpers: ALGORITHMS.md worked examples to 1e-5, gradients, masking, trainer wiring."""
+"""Policy losses and IS helpers: docs/algorithms.md worked examples to 1e-5, gradients, masking, trainer wiring."""
 
 import math
 

@@ -251,3 +251,85 @@ def test_shared_model_changes_reach_the_engine_only_through_update_weights(tok):
     after = engine.generate(prompts, sp)
     assert [c.logprobs for c in after] != before and all(c.policy_version == 1 for c in after)
     assert engine_logprob_gap(model, after, tok.pad_token_id)["max"] < 1e-4
+
+
+# -- request-level API: per-sample seeds, streaming, abort and continue ------------------------------
+
+
+def _requests(tok, texts, sp, seeds):
+    from rollmill.rollout.engine import Request
+
+    return [Request(tuple(p), sp, s, id=k) for k, (p, s) in enumerate(zip(encode(tok, texts), seeds))]
+
+
+@pytest.mark.parametrize("make", [lambda m, t: HFEngine(m, t, prefix_cache_mb=0), lambda m, t: GenericHFEngine(m, t)],
+                         ids=["hf", "hf_generic"])
+def test_a_sample_depends_on_its_seed_not_on_its_batch(tok, gqa_model, make):
+    """Counter-based draws: the same request gives the same tokens alone, in a crowd, on either engine."""
+    engine = make(gqa_model, tok)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=10)
+    alone = engine.run(_requests(tok, ["what is 3+4?"], sp, [123]))[0]
+    crowd = engine.run(_requests(tok, ["hello", "what is 3+4?", "a much longer prompt here", "what is 3+4?"], sp,
+                                 [5, 123, 6, 7]))
+    assert crowd[1].token_ids == alone.token_ids
+    assert crowd[3].token_ids != alone.token_ids  # same prompt, other seed
+    other = HFEngine(gqa_model, tok).run(_requests(tok, ["what is 3+4?"], sp, [123]))[0]
+    assert other.token_ids == alone.token_ids
+
+
+def test_streamed_requests_join_a_running_batch_and_finish_with_the_same_tokens(tok, gqa_model):
+    engine = HFEngine(gqa_model, tok, prefix_cache_mb=0)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=12)
+    first, late = _requests(tok, ["first prompt", "late arrival"], sp, [1, 2])
+    engine.submit([first])
+    done = engine.step() + engine.step()  # first is decoding when the second arrives
+    engine.submit([late])
+    while engine.busy:
+        done += engine.step()
+    by_id = {c.request_id: c for c in done}
+    ref = HFEngine(gqa_model, tok, prefix_cache_mb=0).run([first, late])
+    assert [by_id[0].token_ids, by_id[1].token_ids] == [c.token_ids for c in ref]
+
+
+def test_abort_returns_partial_tokens_and_a_continuation_finishes_them_identically(tok, gqa_model):
+    """A partial rollout: stopped after 4 tokens, continued (prompt + partial, offset 4) by a fresh
+    engine, it yields exactly the tokens an uninterrupted generation gives."""
+    from dataclasses import replace
+
+    sp = SamplingParams(temperature=1.0, max_new_tokens=12)
+    (req,) = _requests(tok, ["continue me"], sp, [77])
+    whole = HFEngine(gqa_model, tok).run([req])[0]
+    engine = HFEngine(gqa_model, tok)
+    engine.submit([req])
+    for _ in range(4):
+        engine.step()
+    (part,) = engine.abort()
+    assert part.finish_reason == "abort" and part.token_ids == whole.token_ids[:4] and not engine.busy
+    rest = replace(req, prompt_ids=req.prompt_ids + tuple(part.token_ids), offset=4,
+                   sampling=replace(sp, max_new_tokens=12 - 4))
+    tail = HFEngine(gqa_model, tok).run([rest])[0]
+    assert part.token_ids + tail.token_ids == whole.token_ids
+    assert torch.allclose(torch.tensor(part.logprobs + tail.logprobs), torch.tensor(whole.logprobs), atol=1e-5)
+
+
+def test_abort_of_some_rows_keeps_the_others_running_unchanged(tok, gqa_model):
+    engine = HFEngine(gqa_model, tok, prefix_cache_mb=0)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=10)
+    reqs = _requests(tok, ["one", "two two", "three three three"], sp, [1, 2, 3])
+    engine.submit(reqs)
+    engine.step()
+    stopped = engine.abort({0, 1})
+    assert sorted(c.request_id for c in stopped) == [0, 1]
+    rest = []
+    while engine.busy:
+        rest += engine.step()
+    ref = HFEngine(gqa_model, tok, prefix_cache_mb=0).run(reqs)
+    assert [c.request_id for c in rest] == [2] and rest[0].token_ids == ref[2].token_ids
+
+
+def test_update_weights_refuses_while_rows_are_running(tok, gqa_model):
+    engine = HFEngine(gqa_model, tok)
+    engine.submit(_requests(tok, ["busy"], SamplingParams(max_new_tokens=8), [1]))
+    engine.step()
+    with pytest.raises(RuntimeError, match="rows running"):
+        engine.update_weights(gqa_model.state_dict(), 1)

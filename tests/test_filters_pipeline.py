@@ -38,7 +38,7 @@ def test_overlong_shaping_adds_the_dapo_penalty_to_each_reward(tiny_cfg, tmp_pat
     cfg = tiny_cfg(filters={"overlong_cache": 2}, rollout={"sampling": {"max_new_tokens": 4}}, eval={"before": False})
     pipe = RLVRPipeline(cfg, tmp_path / "run")
     examples = pipe.cursor.take(2)
-    groups = sample_groups(pipe.engine, pipe.tokenizer, examples, cfg, seed=0)
+    groups = sample_groups(pipe.engine, pipe.tokenizer, examples, cfg, first_group=0)
     repeated = [examples[c.prompt_index] for c in groups.completions]
     base = compute_rewards([c.text for c in groups.completions], repeated, cfg.reward).total
     lengths = [len(c.token_ids) for c in groups.completions]

@@ -27,7 +27,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_sampled_logprob_is_under_the_scaled_filtered_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    tok, lp = sample_tokens(logits, temperature=0.5, top_p=0.8, generator=torch.Generator().manual_seed(0))
+    tok, lp = sample_tokens(logits, temperature=0.5, top_p=0.8, draws=torch.tensor([0.37], dtype=torch.float64))
     expected = filter_top_p(logits / 0.5, 0.8).log_softmax(-1)[0, tok]
     assert torch.allclose(lp, expected)
 
@@ -105,7 +105,7 @@ def test_inverse_cdf_sampling_matches_the_distribution_and_skips_zero_mass():
     from rollmill.rollout.sampling import sample_inverse_cdf
 
     probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
-    draws = sample_inverse_cdf(probs.expand(20000, -1), torch.Generator().manual_seed(0))
+    draws = sample_inverse_cdf(probs.expand(20000, -1), torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     freq = torch.bincount(draws, minlength=5).float() / 20000
     assert freq[1] == 0 and freq[4] == 0  # zero-probability tokens (e.g. top-p filtered) never come up
     assert torch.allclose(freq, probs, atol=0.015)  # 3+ standard errors at n=20000
@@ -121,7 +121,7 @@ def test_inverse_cdf_sampling_across_blocks_matches_the_distribution():
     weights[-1] = 0
     weights[3] = 50.0  # one heavy token: blocks must not be picked uniformly
     probs = weights / weights.sum()
-    draws = sample_inverse_cdf(weights.expand(n, -1), torch.Generator().manual_seed(0))  # unnormalized input
+    draws = sample_inverse_cdf(weights.expand(n, -1), torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64))  # unnormalized input
     freq = torch.bincount(draws, minlength=vocab).double() / n
     assert freq[probs == 0].sum() == 0
     tolerance = 5 * (probs.double() * (1 - probs.double()) / n).sqrt() + 1e-5

@@ -15,12 +15,10 @@ from rollmill.agent.trajectory import Row, Trajectory, Turn
 from rollmill.config import AgentConfig
 from rollmill.envs import Env
 from rollmill.rollout import SamplingParams
+from rollmill.rollout.engine import Request
+from rollmill.rollout.sampling import request_seed
 
 OMITTED = "(observation omitted)"
-
-
-def turn_seed(seed: int, turn: int) -> int:
-    return (seed + 7919 * (turn + 1)) % (2**31 - 1)
 
 
 class AgentLoop:
@@ -40,8 +38,10 @@ class AgentLoop:
         lines = [text] + ([self.format_line] if self.cfg.format_hint else [])
         return "\n".join(line for line in lines if line)
 
-    def play(self, envs: list[Env], seeds: list[int], group_ids: list[int], seed: int, env_name: str = "") -> list[Trajectory]:
-        """One episode per env (reset with its seed); returns them in the same order."""
+    def play(self, envs: list[Env], seeds: list[int], group_ids: list[int], sample_seeds: list[int],
+             env_name: str = "") -> list[Trajectory]:
+        """One episode per env (reset with its seed); returns them in the same order. Turn t of episode
+        i samples with seed `request_seed(sample_seeds[i], t)`."""
         resets = call_all([(env.reset, (s,)) for env, s in zip(envs, seeds)], self.timeout)
         trajs = [self._start(env, s, g, r, env_name) for env, s, g, r in zip(envs, seeds, group_ids, resets)]
         for turn in range(self.cfg.max_turns):
@@ -49,8 +49,8 @@ class AgentLoop:
             live = [i for i in running if self._prepare_context(trajs[i], turn)]
             if not live:
                 break
-            contexts = [trajs[i].rows[-1].context for i in live]
-            completions = self.engine.generate(contexts, self.sampling, seed=turn_seed(seed, turn))
+            completions = self.engine.run([Request(tuple(trajs[i].rows[-1].context), self.sampling,
+                                                   request_seed(sample_seeds[i], turn)) for i in live])
             actions = [parse_action(c.text, self.cfg.action_format, self.cfg.action_tag) for c in completions]
             for i, c in zip(live, completions):
                 trajs[i].rows[-1].append(c.token_ids, c.logprobs, turn)

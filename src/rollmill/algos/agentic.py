@@ -1,4 +1,4 @@
-"""Agentic credit assignment (ALGORITHMS.md §4.1-§4.4) as pure functions over per-step rewards and chunks.
+"""Agentic credit assignment (docs/algorithms.md §4.1-§4.4) as pure functions over per-step rewards and chunks.
 
 An episode is a list of steps (one turn each). Step-level functions take one 1-D tensor per episode and
 return one per episode; the trainer broadcasts a step's value to that turn's policy tokens. Chunk-level

@@ -1,4 +1,4 @@
-"""Reduce a token loss matrix [B, L] with a mask to a scalar (the four modes of ALGORITHMS.md §1.4).
+"""Reduce a token loss matrix [B, L] with a mask to a scalar (the four modes of docs/algorithms.md §1.4).
 
 Micro-batched training passes the *global* mini-batch denominators (`num_tokens`, `num_seqs`) so
 that accumulating micro-batch losses gives exactly the loss of the whole mini-batch.

@@ -1,4 +1,4 @@
-"""Preplan-and-anchor credit (ALGORITHMS.md §4.5, 2510.13554), as pure functions over attention maps.
+"""Preplan-and-anchor credit (docs/algorithms.md §4.5, 2510.13554), as pure functions over attention maps.
 
 `attn[..., t, s]` is the causal attention of row (query) `t` to column (key) `s <= t`, e.g. from an extra
 no-grad eager forward of the rollout. WAAD marks *preplan* tokens (long look-back), FAI marks *anchor*

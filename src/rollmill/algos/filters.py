@@ -1,4 +1,4 @@
-"""Sample filters and length shaping (ALGORITHMS.md §2.13-2.14), as pure functions over scores.
+"""Sample filters and length shaping (docs/algorithms.md §2.13-2.14), as pure functions over scores.
 
 `scores` are scalar rewards grouped by prompt, shape [P, G]. Filters return masks; the pipeline
 decides what to do with them (refill the batch, zero a sample's loss).

@@ -1,4 +1,4 @@
-"""Per-token policy-gradient losses (ALGORITHMS.md §2, §3.1) and train/inference IS helpers (§3.2).
+"""Per-token policy-gradient losses (docs/algorithms.md §2, §3.1) and train/inference IS helpers (§3.2).
 
 Every loss is `fn(logp, old_logp, advantages, mask=None, *, <its params>) -> PolicyLossOutput`:
 `logp` [B, L] carries the gradient, `old_logp` [B, L] is the detached policy the ratio is taken

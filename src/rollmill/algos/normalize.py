@@ -1,4 +1,4 @@
-"""Composable reward/advantage normalization (ALGORITHMS.md §1.3) and its optional post-steps.
+"""Composable reward/advantage normalization (docs/algorithms.md §1.3) and its optional post-steps.
 
 `normalize_rewards` turns scalar rewards [P, G] into `(R - mu) / (sigma + eps)` with mu and sigma each
 chosen from None | "group" | "batch" | "running"; every named preset (GRPO, batch, Lite PPO, ...) is one

@@ -15,18 +15,13 @@ import torch
 from rollmill.agent import AgentLoop, Trajectory
 from rollmill.envs import make_env
 from rollmill.pipelines.base import BasePipeline
-from rollmill.pipelines.common import sampling_params, spread, step_seed
+from rollmill.pipelines.common import env_seed, sample_seed, sampling_params, spread, step_seed
 from rollmill.train.agent_credit import token_advantages, turn_advantages
 from rollmill.train.batch import build_row_batch
 
 log = logging.getLogger(__name__)
 
 EVAL_SEED_BASE = 1_000_000_000  # training seeds stay below this, so held-out episodes are never trained on
-
-
-def train_seeds(seed: int, step: int, groups: int) -> list[int]:
-    """The env seeds of one step: a function of (seed, step) only, so resume needs no state."""
-    return [(step_seed(seed, step) * 31 + g) % EVAL_SEED_BASE for g in range(groups)]
 
 
 class AgenticPipeline(BasePipeline):
@@ -46,12 +41,13 @@ class AgenticPipeline(BasePipeline):
         self.envs = [make_env(cfg.env.name, **cfg.env.kwargs) for _ in range(count)]
         self.eval_envs = [make_env(cfg.env.name, **cfg.env.kwargs) for _ in range(cfg.env.eval_episodes)]
         self._all_failed_streak = 0
+        self.groups_started = 0
 
     def _data_state(self) -> dict:
-        return {}
+        return {"groups_started": self.groups_started}
 
     def _restore_data(self, state: dict) -> None:
-        """Env seeds are a function of the step: nothing to restore."""
+        self.groups_started = state["groups_started"]
 
     def _held_out(self) -> dict:
         return evaluate_episodes(self.engine, self.tokenizer, self.cfg, self.eval_envs)
@@ -60,9 +56,12 @@ class AgenticPipeline(BasePipeline):
         cfg = self.cfg
         t0 = time.perf_counter()
         g = cfg.rollout.group_size
-        seeds = [s for s in train_seeds(cfg.train.seed, self.step, cfg.rollout.prompts_per_step) for _ in range(g)]
-        groups = [i // g for i in range(len(seeds))]
-        trajs = self.loop.play(self.envs, seeds, groups, seed=step_seed(cfg.train.seed, self.step), env_name=cfg.env.name)
+        first = self.groups_started
+        groups = [first + i // g for i in range(cfg.rollout.prompts_per_step * g)]
+        seeds = [env_seed(cfg.train.seed, gid, EVAL_SEED_BASE) for gid in groups]
+        sample_seeds = [sample_seed(cfg.train.seed, gid, i % g) for i, gid in enumerate(groups)]
+        trajs = self.loop.play(self.envs, seeds, groups, sample_seeds, env_name=cfg.env.name)
+        self.groups_started += cfg.rollout.prompts_per_step
         t_rollout = time.perf_counter() - t0
         failed_groups = {t.group_id for t in trajs if t.failed}
         kept = [t for t in trajs if t.group_id not in failed_groups]
@@ -110,7 +109,9 @@ def evaluate_episodes(engine, tokenizer, cfg, envs=None, temperature: float | No
     sampling = sampling_params(cfg.rollout.sampling, n=1, temperature=temperature, max_new_tokens=cfg.eval.max_new_tokens)
     loop = AgentLoop(engine, tokenizer, cfg.agent, sampling, step_timeout_s=cfg.env.step_timeout_s)
     seeds = [EVAL_SEED_BASE + i for i in range(len(envs))]
-    trajs = loop.play(envs, seeds, list(range(len(seeds))), seed=step_seed(cfg.train.seed, -1), env_name=cfg.env.name)
+    eval_seed = step_seed(cfg.train.seed, -1)
+    trajs = loop.play(envs, seeds, list(range(len(seeds))), [sample_seed(eval_seed, i, 0) for i in range(len(seeds))],
+                      env_name=cfg.env.name)
     for t in [t for t in trajs if t.failed][:3]:
         log.warning("held-out episode (seed %d) failed: %s", t.seed, t.error)
     return {f"eval/{k.split('/')[-1]}": v for k, v in episode_metrics(trajs).items()

@@ -11,6 +11,7 @@ import torch
 
 from rollmill.config import RunConfig, SamplingConfig, TaskConfig
 from rollmill.rollout import SamplingParams
+from rollmill.rollout.sampling import request_seed
 from rollmill.tasks import Example
 
 
@@ -68,6 +69,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def sample_seed(run_seed: int, group_id: int, index: int) -> int:
+    """The seed of sample `index` of group `group_id`: owned by the producer (group ids count the groups
+    started), never by the learner's step, so rollout may run ahead and still be reproducible."""
+    return request_seed(run_seed, group_id, index)
+
+
+def env_seed(run_seed: int, group_id: int, below: int) -> int:
+    """The env seed (initial state) of group `group_id`'s episodes, in [0, below)."""
+    return request_seed(run_seed, group_id, -1) % below
 
 
 def step_seed(seed: int, step: int) -> int:

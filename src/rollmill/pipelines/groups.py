@@ -13,9 +13,10 @@ import torch
 
 from rollmill.algos.filters import difficulty_mask, informative_groups, overlong_penalty
 from rollmill.config import RunConfig
-from rollmill.pipelines.common import PromptCursor, encode_prompt, sampling_params
+from rollmill.pipelines.common import PromptCursor, encode_prompt, sample_seed, sampling_params
 from rollmill.rewards import compute_rewards
 from rollmill.rollout import Completion
+from rollmill.rollout.engine import Request
 from rollmill.tasks import Example
 
 
@@ -61,11 +62,15 @@ class Groups:
         return weights
 
 
-def sample_groups(engine, tokenizer, examples: list[Example], cfg: RunConfig, seed: int) -> Groups:
-    """Generate `group_size` completions per example and score them (plus DAPO length shaping)."""
-    prompts = [encode_prompt(tokenizer, ex, cfg.task) for ex in examples]
-    completions = engine.generate(prompts, sampling_params(cfg.rollout.sampling, n=cfg.rollout.group_size), seed=seed)
-    repeated = [examples[c.prompt_index] for c in completions]
+def sample_groups(engine, tokenizer, examples: list[Example], cfg: RunConfig, first_group: int) -> Groups:
+    """Generate `group_size` completions per example and score them (plus DAPO length shaping); the
+    examples are groups `first_group`, `first_group + 1`, ... of the run (their ids seed the samples)."""
+    g = cfg.rollout.group_size
+    sp = sampling_params(cfg.rollout.sampling, n=1)
+    requests = [Request(tuple(encode_prompt(tokenizer, ex, cfg.task)), sp, sample_seed(cfg.train.seed, first_group + i, j))
+                for i, ex in enumerate(examples) for j in range(g)]
+    completions = engine.run(requests)
+    repeated = [examples[k // g] for k in range(len(completions))]
     result = compute_rewards([c.text for c in completions], repeated, cfg.reward)
     rewards = result.total
     if cfg.filters.overlong_cache:
@@ -75,22 +80,24 @@ def sample_groups(engine, tokenizer, examples: list[Example], cfg: RunConfig, se
     return Groups(examples, completions, rewards, result.correct, result.failed, result.errors, cfg.rollout.group_size)
 
 
-def collect_groups(engine, tokenizer, cursor: PromptCursor, cfg: RunConfig, seed: int) -> tuple[Groups, Groups, int]:
-    """(all sampled groups, the groups to train on, refill rounds used).
+def collect_groups(engine, tokenizer, cursor: PromptCursor, cfg: RunConfig, first_group: int) -> tuple[Groups, Groups, int]:
+    """(all sampled groups, the groups to train on, refill rounds used); the groups sampled are numbered
+    from `first_group` on.
 
     Without dynamic sampling both are the same `prompts_per_step` groups. With it, groups whose
     rewards do not vary are dropped and new prompts are sampled, at most `max_refill_rounds` times;
     the step then trains on the informative groups it has (possibly fewer, possibly none).
     """
     want = cfg.rollout.prompts_per_step
-    sampled = sample_groups(engine, tokenizer, cursor.take(want), cfg, seed)
+    sampled = sample_groups(engine, tokenizer, cursor.take(want), cfg, first_group)
     if not cfg.filters.dynamic_sampling:
         return sampled, sampled, 0
     kept = sampled.select(_informative(sampled))
     rounds = 0
     while len(kept.examples) < want and rounds < cfg.filters.max_refill_rounds:
         rounds += 1
-        extra = sample_groups(engine, tokenizer, cursor.take(want - len(kept.examples)), cfg, seed + 104_729 * rounds)
+        extra = sample_groups(engine, tokenizer, cursor.take(want - len(kept.examples)), cfg,
+                              first_group + len(sampled.examples))
         sampled = sampled + extra
         kept = kept + extra.select(_informative(extra))
     return sampled, kept, rounds

@@ -58,14 +58,16 @@ class RLVRPipeline(BasePipeline):
         cfg = self.cfg
         self.train_examples, self.eval_examples = load_task(cfg.task)
         self.cursor = PromptCursor(self.train_examples, seed=cfg.task.seed + cfg.train.seed)
+        self.groups_started = 0
         self._all_failed_streak = 0
         self._last_reward_error = ""
 
     def _data_state(self) -> dict:
-        return {"cursor": self.cursor.state()}
+        return {"cursor": self.cursor.state(), "groups_started": self.groups_started}
 
     def _restore_data(self, state: dict) -> None:
         self.cursor = PromptCursor(self.train_examples, self.cursor.seed, **state["cursor"])
+        self.groups_started = state["groups_started"]
 
     def _held_out(self) -> dict:
         """Eval metrics on the held-out split; the same sampling seed every time, so evals compare."""
@@ -75,7 +77,8 @@ class RLVRPipeline(BasePipeline):
         """One RL step: sample and score groups, filter, compute advantages, update, sync weights."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        sampled, kept, rounds = collect_groups(self.engine, self.tokenizer, self.cursor, cfg, step_seed(cfg.train.seed, self.step))
+        sampled, kept, rounds = collect_groups(self.engine, self.tokenizer, self.cursor, cfg, self.groups_started)
+        self.groups_started += len(sampled.examples)
         t_rollout = time.perf_counter() - t0
         train_metrics: dict[str, float] = {}
         if kept.examples:

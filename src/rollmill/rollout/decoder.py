@@ -19,6 +19,7 @@ module in place never changes a rollout halfway. The copies may be in another dt
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -71,9 +72,22 @@ def fused_linear(modules: list[torch.nn.Linear], packed: bool, dtype: torch.dtyp
 
 
 def can_pack(model, dtype: torch.dtype) -> bool:
-    """oneDNN's packed linear is a CPU kernel for fp32 and bf16; elsewhere `F.linear` is used."""
+    """oneDNN's packed linear is a CPU kernel for fp32 and (on CPUs with AVX-512 or AVX-NE-CONVERT) bf16;
+    elsewhere `F.linear` is used."""
     device = model.model.embed_tokens.weight.device
-    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _onednn_packs(dtype)
+
+
+@functools.cache
+def _onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN packs weights of `dtype` (asked once: the answer is a CPU feature)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), 32)
+    except RuntimeError:
+        return False
+    return True
 
 
 class Decoder:

@@ -1,9 +1,11 @@
 """The default engine: continuous batching over a slot KV cache on an in-process transformers model.
 
-- A prompt is prefilled once and its K/V copied to the rows of its `n` samples; identical prompts in
-  one call (the G episodes of a group at turn 0) are merged first.
+- Work is request-level: requests queue (`submit`), each `step` admits what fits and decodes one token
+  for every running row, and a request can be stopped with its partial output (`abort`).
+- A prompt is prefilled once and its K/V copied to the rows of its samples; identical prompts submitted
+  together (the G samples of a group, or its G episodes at turn 0) are merged first.
 - A sequence that finishes leaves the batch at once, and the next waiting group takes its rows, so the
-  batch stays full until the queue runs dry.
+  batch stays full while there is work queued.
 - Finished sequences leave their K/V in a `PrefixStore`: the next turn of an episode (its previous
   context, reply, then the new observation) prefills only the observation.
 - Per-token log-probs are those of the distribution actually sampled from (temperature, top-p).
@@ -21,22 +23,22 @@ import torch
 from transformers import PreTrainedModel
 
 from rollmill.rollout.decoder import Decoder
-from rollmill.rollout.engine import Completion, SamplingParams, copy_weights
+from rollmill.rollout.engine import Completion, EngineBase, Request, copy_weights, hit_stop
 from rollmill.rollout.kv import PrefixStore, SlotKV
-from rollmill.rollout.sampling import sample_tokens
+from rollmill.rollout.sampling import sample_rows
 
 
 @dataclass
 class _Group:
-    """Samples of one prompt that are admitted together (their rows share one prefill)."""
+    """Requests with one prompt that are admitted together (their rows share one prefill)."""
 
     prompt: list[int]
-    outputs: list[int]  # indices into the call's result list
+    requests: list[Request]
 
 
 @dataclass
 class _Row:
-    output: int
+    request: Request
     length: int  # tokens whose K/V are in the cache = position of the next token fed
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
@@ -54,14 +56,16 @@ class EngineStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     sample_s: float = 0.0
+    busy_row_steps: int = 0  # sum over decode steps of the rows decoded (occupancy = this / steps / batch_size)
+    steps: int = 0
 
 
-class HFEngine:
+class HFEngine(EngineBase):
     """Fast generation on an in-process Llama-family transformers model.
 
-    The engine may share its module with the trainer (the single-machine default); it still serves
-    the weights of the last `update_weights` (its fused copies are rebuilt there, and cached K/V of
-    the old weights dropped), so an optimizer step never changes a rollout in flight.
+    The engine may share its module with the trainer; it still serves the weights of the last
+    `update_weights` (its fused copies are rebuilt there, and cached K/V of the old weights dropped),
+    so an optimizer step never changes a rollout in flight.
     """
 
     name = "hf"
@@ -79,48 +83,87 @@ class HFEngine:
         self.prefixes = PrefixStore(prefix_cache_mb * 2**20)
         self.stats = EngineStats()
         self._kv: SlotKV | None = None
+        self._rows: list[_Row] = []  # live rows, packed at cache rows 0..n-1
+        self._pending: deque[_Group] = deque()
+        self._logits = torch.empty(0, 0)  # next-token logits of the live rows
 
     def update_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
+        if self._rows:
+            raise RuntimeError(f"hf engine: update_weights with {len(self._rows)} rows running; abort or finish them first")
         copy_weights(self.model, state, engine=self.name)
         self.decoder.refresh()
         self.prefixes.clear()
         self.version = version
 
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams, seed: int | None = None) -> list[Completion]:
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("HFEngine.generate: every prompt needs at least one token")
-        if not prompts:
-            return []
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        results: list[Completion | None] = [None] * (len(prompts) * sampling.n)
-        # +1 fed token, +1 padding sink
-        kv = self._cache(min(self.batch_size, len(results)), max(len(p) for p in prompts) + sampling.max_new_tokens + 2)
-        rows: list[_Row] = []
-        pending = deque(self._groups(prompts, sampling.n))
-        logits = torch.empty(0, 0)
-        while pending or rows:
-            admitted = self._admit(kv, rows, pending)
-            if admitted is not None:
-                logits = admitted if logits.numel() == 0 else torch.cat([logits, admitted])
-            t0 = time.perf_counter()
-            tokens, logprobs = sample_tokens(logits, sampling.temperature, sampling.top_p, generator)
-            self.stats.sample_s += time.perf_counter() - t0
-            done = self._record(rows, tokens.tolist(), logprobs.tolist(), sampling)
-            keep = self._retire(kv, rows, done, sampling, results, prompts)
-            logits = torch.empty(0, 0)
-            if rows:
-                t0 = time.perf_counter()
-                fed = tokens[keep][:, None]
-                starts = torch.tensor([r.length for r in rows])
-                logits = self.decoder.forward(kv, list(range(len(rows))), fed, starts, torch.zeros(len(rows), dtype=torch.long))
-                for r in rows:
-                    r.length += 1
-                self.stats.decode_s += time.perf_counter() - t0
-        return results
+    @property
+    def busy(self) -> bool:
+        return bool(self._rows or self._pending)
 
-    def _cache(self, slots: int, capacity: int) -> SlotKV:
-        """The engine's cache, regrown when a call needs more rows or positions than it has.
+    def submit(self, requests: list[Request]) -> None:
+        """Queue requests; identical prompts in one call are merged so they share a prefill."""
+        for r in requests:
+            if not r.prompt_ids:
+                raise ValueError("HFEngine.generate: every prompt needs at least one token")
+        by_prompt: dict[tuple[int, ...], list[Request]] = {}
+        for r in requests:
+            by_prompt.setdefault(tuple(r.prompt_ids), []).append(r)
+        for prompt, group in by_prompt.items():
+            for start in range(0, len(group), self.batch_size):
+                self._pending.append(_Group(list(prompt), group[start : start + self.batch_size]))
+
+    @torch.no_grad()
+    def step(self) -> list[Completion]:
+        """Admit waiting groups into free rows, sample one token for every row, retire finished rows,
+        and run the decode forward that gives the next step's logits."""
+        if not self.busy:
+            return []
+        admitted = self._admit()
+        if admitted is not None:
+            self._logits = admitted if self._logits.numel() == 0 else torch.cat([self._logits, admitted])
+        rows = self._rows
+        t0 = time.perf_counter()
+        tokens, logprobs = self._sample(rows, self._logits)
+        self.stats.sample_s += time.perf_counter() - t0
+        done = self._record(rows, tokens.tolist(), logprobs.tolist())
+        finished, keep = self._retire(done)
+        self._logits = torch.empty(0, 0)
+        if self._rows:
+            t0 = time.perf_counter()
+            kv = self._kv
+            fed = tokens[keep][:, None]
+            starts = torch.tensor([r.length for r in self._rows])
+            self._logits = self.decoder.forward(kv, list(range(len(self._rows))), fed, starts,
+                                                torch.zeros(len(self._rows), dtype=torch.long))
+            for r in self._rows:
+                r.length += 1
+            self.stats.decode_s += time.perf_counter() - t0
+            self.stats.busy_row_steps += len(self._rows)
+            self.stats.steps += 1
+        return finished
+
+    def abort(self, ids: set | None = None) -> list[Completion]:
+        """Stop requests (all when `ids` is None): queued ones return no tokens, running ones what they sampled."""
+        hit = lambda r: ids is None or r.id in ids  # noqa: E731
+        out = []
+        for group in list(self._pending):
+            out.extend(self._completion(_Row(r, 0, group.prompt), "abort") for r in group.requests if hit(r))
+            group.requests = [r for r in group.requests if not hit(r)]
+        self._pending = deque(g for g in self._pending if g.requests)
+        stopped = {i for i, row in enumerate(self._rows) if hit(row.request)}
+        if stopped:
+            for i in stopped:
+                out.append(self._completion(self._rows[i], "abort"))
+            source = self._compact(stopped)
+            self._logits = self._logits[source] if self._rows else torch.empty(0, 0)
+        return out
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row, each row with its own request's sampling settings and seed."""
+        return sample_rows(logits, [(r.request.sampling.temperature, r.request.sampling.top_p) for r in rows],
+                           [r.request.seed for r in rows], [r.request.offset + len(r.tokens) for r in rows])
+
+    def _ensure_cache(self, slots: int, capacity: int) -> SlotKV:
+        """The engine's cache, regrown (live rows copied over) when it needs more rows or positions.
 
         Positions grow geometrically (x2, in steps of 256): a multi-turn rollout's context grows every
         turn, and memory is touched only as positions are used (see `SlotKV`), so headroom is free.
@@ -131,36 +174,31 @@ class HFEngine:
         if old is not None:
             slots = max(slots, old.slots)
             capacity = old.capacity if old.capacity >= capacity else max(capacity, old.capacity * 2)
-        self._kv = None  # free the old one before allocating the new one
-        self._kv = self.decoder.new_cache(slots, -(-capacity // 256) * 256)
-        return self._kv
+        new = self.decoder.new_cache(slots, -(-capacity // 256) * 256)
+        if old is not None and self._rows:
+            new.copy_rows(old, len(self._rows), old.clean)
+        self._kv = new
+        return new
 
-    def _groups(self, prompts: list[list[int]], n: int) -> list[_Group]:
-        """One group per distinct prompt (identical prompts merged), split to fit the batch."""
-        by_prompt: dict[tuple[int, ...], list[int]] = {}
-        for i, p in enumerate(prompts):
-            by_prompt.setdefault(tuple(p), []).extend(range(i * n, (i + 1) * n))
-        groups = []
-        for prompt, outputs in by_prompt.items():
-            for start in range(0, len(outputs), self.batch_size):
-                groups.append(_Group(list(prompt), outputs[start : start + self.batch_size]))
-        return groups
-
-    def _admit(self, kv: SlotKV, rows: list[_Row], pending: deque) -> torch.Tensor | None:
+    def _admit(self) -> torch.Tensor | None:
         """Prefill the waiting groups that fit into free rows; return the logits of the new rows."""
         admitted: list[tuple[_Group, int, int]] = []  # group, first row, reused prefix length
-        free = kv.slots - len(rows)
-        while pending and len(pending[0].outputs) <= free:
-            group = pending.popleft()
-            first = len(rows)
+        free = self.batch_size - len(self._rows)
+        wanted = min(self.batch_size, len(self._rows) + sum(len(g.requests) for g in self._pending))
+        while self._pending and len(self._pending[0].requests) <= free:
+            group = self._pending.popleft()
+            longest = max(r.sampling.max_new_tokens for r in group.requests)
+            kv = self._ensure_cache(wanted, len(group.prompt) + longest + 2)  # +1 fed token, +1 padding sink
+            first = len(self._rows)
             reused, cached = self.prefixes.longest_prefix(group.prompt, limit=len(group.prompt) - 1)
             if cached is not None:
                 kv.load(first, cached)
-            rows.extend(_Row(o, len(group.prompt), group.prompt) for o in group.outputs)
+            self._rows.extend(_Row(r, len(group.prompt), group.prompt) for r in group.requests)
             admitted.append((group, first, reused))
-            free -= len(group.outputs)
+            free -= len(group.requests)
         if not admitted:
             return None
+        kv = self._kv
         t0 = time.perf_counter()
         heads = []
         for chunk in self._prefill_chunks(admitted):
@@ -168,9 +206,9 @@ class HFEngine:
         head_logits = torch.cat(heads)
         out = []
         for (group, first, _), logit in zip(admitted, head_logits):
-            for row in range(first + 1, first + len(group.outputs)):
+            for row in range(first + 1, first + len(group.requests)):
                 kv.move(first, row, len(group.prompt))
-            out.append(logit.expand(len(group.outputs), -1))
+            out.append(logit.expand(len(group.requests), -1))
         self.stats.prefill_s += time.perf_counter() - t0
         return torch.cat(out)
 
@@ -199,43 +237,49 @@ class HFEngine:
         self.stats.reused_tokens += int(starts.sum())
         return self.decoder.forward(kv, [first for _, first, _ in chunk], ids, starts, last)
 
-    def _record(self, rows: list[_Row], tokens: list[int], logprobs: list[float], sp: SamplingParams) -> set[int]:
+    def _record(self, rows: list[_Row], tokens: list[int], logprobs: list[float]) -> set[int]:
         """Append each row's sampled token; return the rows that just finished."""
         done = set()
         for i, (row, tok, lp) in enumerate(zip(rows, tokens, logprobs)):
             row.tokens.append(tok)
             row.logprobs.append(lp)
-            if tok in self.eos_ids or (sp.stop and self._hit_stop(row.tokens, sp.stop)):
+            sp = row.request.sampling
+            if tok in self.eos_ids or hit_stop(self.tokenizer, row.request, row.tokens):
                 row.finish_reason = "stop"
             if row.finish_reason == "stop" or len(row.tokens) >= sp.max_new_tokens:
                 done.add(i)
         self.stats.generated_tokens += len(rows)
         return done
 
-    def _retire(self, kv: SlotKV, rows: list[_Row], done: set[int], sp: SamplingParams, results, prompts) -> list[int]:
-        """Turn finished rows into completions, keep their K/V, and pack the live rows to the front.
-
-        Returns, for each row after packing, the index it had before (to carry its sampled token)."""
+    def _retire(self, done: set[int]) -> tuple[list[Completion], list[int]]:
+        """Turn finished rows into completions and keep their K/V; return them and the packing map
+        (for each live row after packing, the index it had before)."""
+        finished = []
         for i in sorted(done):
-            row = rows[i]
-            results[row.output] = Completion(
-                prompt_index=row.output // sp.n, prompt_ids=list(prompts[row.output // sp.n]), token_ids=row.tokens,
-                logprobs=row.logprobs, text=self.tokenizer.decode(row.tokens, skip_special_tokens=True),
-                finish_reason=row.finish_reason, policy_version=self.version,
-            )
+            row = self._rows[i]
+            finished.append(self._completion(row, row.finish_reason))
             if self.prefixes.max_bytes > 0:
-                self.prefixes.put(row.prompt + row.tokens[:-1], kv.export(i, row.length))
-        live = len(rows) - len(done)
-        holes = [i for i in sorted(done) if i < live]
-        movers = [i for i in range(live, len(rows)) if i not in done]
+                self.prefixes.put(row.prompt + row.tokens[:-1], self._kv.export(i, row.length))
+        return finished, self._compact(done)
+
+    def _compact(self, removed: set[int]) -> list[int]:
+        """Drop rows `removed`, moving the last live rows (and their K/V) into the holes; return the map
+        from each remaining row to the index it had before."""
+        rows = self._rows
+        live = len(rows) - len(removed)
+        holes = [i for i in sorted(removed) if i < live]
+        movers = [i for i in range(live, len(rows)) if i not in removed]
         source = list(range(len(rows)))
         for hole, mover in zip(holes, movers):
-            kv.move(mover, hole, rows[mover].length)
+            self._kv.move(mover, hole, rows[mover].length)
             rows[hole] = rows[mover]
             source[hole] = mover
         del rows[live:]
         return source[:live]
 
-    def _hit_stop(self, token_ids: list[int], stop: tuple[str, ...]) -> bool:
-        tail = self.tokenizer.decode(token_ids[-16:], skip_special_tokens=True)
-        return any(s in tail for s in stop)
+    def _completion(self, row: _Row, reason: str) -> Completion:
+        return Completion(
+            prompt_index=0, prompt_ids=list(row.prompt), token_ids=row.tokens, logprobs=row.logprobs,
+            text=self.tokenizer.decode(row.tokens, skip_special_tokens=True), finish_reason=reason,
+            policy_version=self.version, request_id=row.request.id,
+        )

@@ -1,7 +1,8 @@
 """The fallback engine for any transformers causal LM: batched sampling with a transformers KV cache.
 
-Each prompt is prefilled once and its cache shared by its `n` samples; sequences that finish
-leave the batch, so the decode cost follows the live sequences, not the longest one.
+Each distinct prompt of a batch is prefilled once and its cache shared by its samples; sequences that
+finish leave the batch, so the decode cost follows the live sequences, not the longest one. A step
+generates everything queued to the end (`BatchEngine`): simple, but no continuous batching.
 """
 
 from __future__ import annotations
@@ -9,20 +10,21 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from rollmill.rollout.engine import Completion, SamplingParams, copy_weights
-from rollmill.rollout.sampling import sample_tokens
+from rollmill.rollout.engine import BatchEngine, Completion, Request, copy_weights, hit_stop
+from rollmill.rollout.sampling import sample_rows
 
 
-class GenericHFEngine:
+class GenericHFEngine(BatchEngine):
     """Generation on an in-process transformers model of any architecture (slower than `HFEngine`).
 
-    The engine may share its module with the trainer (the single-machine default): then
-    `update_weights` sees the trainer's own tensors and only moves the version forward.
+    The engine may share its module with the trainer: then `update_weights` sees the trainer's own
+    tensors and only moves the version forward.
     """
 
     name = "hf_generic"
 
     def __init__(self, model: PreTrainedModel, tokenizer, batch_size: int = 64, version: int = 0):
+        super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -35,18 +37,16 @@ class GenericHFEngine:
         self.version = version
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams, seed: int | None = None) -> list[Completion]:
-        if any(len(p) == 0 for p in prompts):
+    def _run_batch(self, requests: list[Request]) -> list[Completion]:
+        if any(len(r.prompt_ids) == 0 for r in requests):
             raise ValueError("GenericHFEngine.generate: every prompt needs at least one token")
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        per_chunk = max(1, self.batch_size // sampling.n)
         out: list[Completion] = []
-        for start in range(0, len(prompts), per_chunk):
-            chunk = prompts[start : start + per_chunk]
-            out.extend(self._generate_chunk(chunk, start, sampling, generator))
+        for start in range(0, len(requests), self.batch_size):
+            out.extend(self._run_chunk(requests[start : start + self.batch_size]))
         return out
 
-    def _prefill(self, prompts: list[list[int]], n: int):
+    def _prefill(self, prompts: list[tuple[int, ...]], rows: torch.Tensor):
+        """Prefill each distinct prompt once, then give every row (`rows[i]` = its prompt) its own cache row."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -59,35 +59,38 @@ class GenericHFEngine:
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-            logits = logits.repeat_interleave(n, dim=0)
-            mask = mask.repeat_interleave(n, dim=0)
-            positions = positions.repeat_interleave(n, dim=0)
-        return cache, logits, mask, positions[:, -1]
+        cache.batch_select_indices(rows)
+        return cache, logits[rows], mask[rows], positions[rows, -1]
 
-    def _generate_chunk(self, prompts, offset, sp: SamplingParams, generator):
-        cache, logits, mask, last_pos = self._prefill(prompts, sp.n)
-        total = len(prompts) * sp.n
+    def _run_chunk(self, requests: list[Request]) -> list[Completion]:
+        prompts = list(dict.fromkeys(r.prompt_ids for r in requests))
+        which = {p: i for i, p in enumerate(prompts)}
+        cache, logits, mask, last_pos = self._prefill(prompts, torch.tensor([which[r.prompt_ids] for r in requests]))
+        total = len(requests)
         tokens: list[list[int]] = [[] for _ in range(total)]
         logprobs: list[list[float]] = [[] for _ in range(total)]
         reasons = ["length"] * total
-        live = torch.arange(total)
-        for _ in range(sp.max_new_tokens):
-            next_tok, next_lp = sample_tokens(logits, sp.temperature, sp.top_p, generator)
-            finished = []
-            for row, (seq, tok, lp) in enumerate(zip(live.tolist(), next_tok.tolist(), next_lp.tolist())):
+        live = list(range(total))
+        while live:
+            rs = [requests[i] for i in live]
+            next_tok, next_lp = sample_rows(logits, [(r.sampling.temperature, r.sampling.top_p) for r in rs],
+                                            [r.seed for r in rs], [r.offset + len(tokens[i]) for r, i in zip(rs, live)])
+            keep = []
+            for row, (seq, tok, lp) in enumerate(zip(live, next_tok.tolist(), next_lp.tolist())):
                 tokens[seq].append(tok)
                 logprobs[seq].append(lp)
-                if tok in self.eos_ids or (sp.stop and self._hit_stop(tokens[seq], sp.stop)):
+                sp = requests[seq].sampling
+                if tok in self.eos_ids or hit_stop(self.tokenizer, requests[seq], tokens[seq]):
                     reasons[seq] = "stop"
-                    finished.append(row)
-            if len(finished) == len(live):
+                elif len(tokens[seq]) < sp.max_new_tokens:
+                    keep.append(row)
+            if not keep:
                 break
-            if finished:
-                keep = torch.tensor([r for r in range(len(live)) if r not in set(finished)])
-                cache.batch_select_indices(keep)
-                live, next_tok, mask, last_pos = live[keep], next_tok[keep], mask[keep], last_pos[keep]
+            if len(keep) < len(live):
+                index = torch.tensor(keep)
+                cache.batch_select_indices(index)
+                next_tok, mask, last_pos = next_tok[index], mask[index], last_pos[index]
+                live = [live[k] for k in keep]
             mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype)], dim=1)
             last_pos = last_pos + 1
             logits = self.model(
@@ -95,18 +98,8 @@ class GenericHFEngine:
                 past_key_values=cache, use_cache=True,
             ).logits[:, -1]
         return [
-            Completion(
-                prompt_index=offset + i // sp.n,
-                prompt_ids=list(prompts[i // sp.n]),
-                token_ids=tokens[i],
-                logprobs=logprobs[i],
-                text=self.tokenizer.decode(tokens[i], skip_special_tokens=True),
-                finish_reason=reasons[i],
-                policy_version=self.version,
-            )
-            for i in range(total)
+            Completion(prompt_index=0, prompt_ids=list(r.prompt_ids), token_ids=tokens[i], logprobs=logprobs[i],
+                       text=self.tokenizer.decode(tokens[i], skip_special_tokens=True), finish_reason=reasons[i],
+                       policy_version=self.version, request_id=r.id)
+            for i, r in enumerate(requests)
         ]
-
-    def _hit_stop(self, token_ids: list[int], stop: tuple[str, ...]) -> bool:
-        tail = self.tokenizer.decode(token_ids[-16:], skip_special_tokens=True)
-        return any(s in tail for s in stop)

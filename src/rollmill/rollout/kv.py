@@ -46,6 +46,12 @@ class SlotKV:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
+    def copy_rows(self, other: "SlotKV", rows: int, length: int) -> None:
+        """Take rows 0..rows-1, positions [0, length), from `other` (a smaller cache being regrown)."""
+        self.clean_to(length)
+        self.k[:, :rows, :, :length] = other.k[:, :rows, :, :length]
+        self.v[:, :rows, :, :length] = other.v[:, :rows, :, :length]
+
     def export(self, row: int, length: int) -> torch.Tensor:
         """A compact copy [2, layers, kv_heads, length, head_dim] of one row."""
         return torch.stack([self.k[:, row, :, :length], self.v[:, row, :, :length]])  # stack copies

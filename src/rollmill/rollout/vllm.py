@@ -17,16 +17,18 @@ from pathlib import Path
 
 import torch
 
-from rollmill.rollout.engine import Completion, SamplingParams
+from rollmill.rollout.engine import BatchEngine, Completion, Request
+from rollmill.rollout.sampling import request_seed
 
 
-class VLLMEngine:
+class VLLMEngine(BatchEngine):
     """Generation with vLLM on a saved transformers model folder."""
 
     name = "vllm"
 
     def __init__(self, model_dir: str | Path, tokenizer, version: int = 0, max_model_len: int | None = None,
                  kv_cache_gib: int = 4, dtype: str = "float32", update_timeout_s: float = 300.0):
+        super().__init__()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         try:
@@ -54,36 +56,38 @@ class VLLMEngine:
         weakref.finalize(engine, shutil.rmtree, folder, True)  # vLLM has read it; remove it with the engine
         return engine
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams, seed: int | None = None) -> list[Completion]:
+    def _run_batch(self, requests: list[Request]) -> list[Completion]:
         from vllm import SamplingParams as VLLMSampling
         from vllm.inputs import TokensPrompt
 
-        if any(len(p) == 0 for p in prompts):
+        if any(len(r.prompt_ids) == 0 for r in requests):
             raise ValueError("VLLMEngine.generate: every prompt needs at least one token")
-        greedy = sampling.temperature == 0
-        params = [
-            VLLMSampling(n=sampling.n, temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
-                         max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) or None,
-                         include_stop_str_in_output=True, logprobs=0, top_k=0)
-            for _ in prompts
-        ]
-        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        params = []
+        for r in requests:
+            sp = r.sampling
+            greedy = sp.temperature == 0
+            params.append(VLLMSampling(n=1, temperature=sp.temperature, top_p=1.0 if greedy else sp.top_p,
+                                       max_tokens=sp.max_new_tokens, stop=list(sp.stop) or None,
+                                       include_stop_str_in_output=True, logprobs=0, top_k=0))
+        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
         # Per-request seeds crash vLLM's CPU runner ("CPU Generator does not use offset"); with the core
-        # in this process, unseeded requests draw from torch's global generator, seeded here instead.
+        # in this process, unseeded requests draw from torch's global generator, seeded here from the
+        # batch's request seeds instead (so a sample depends on its batch: vLLM runs are reproducible
+        # batch by batch, not sample by sample as the hf engines are).
         with torch.random.fork_rng():
-            if seed is not None:
-                torch.manual_seed(seed)
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            torch.manual_seed(request_seed(*(r.seed for r in requests)) % 2**63)
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
         completions = []
-        for index, (prompt, out) in enumerate(zip(prompts, outputs)):
-            for sample in out.outputs:
-                tokens = list(sample.token_ids)
-                logprobs = [step[tok].logprob for step, tok in zip(sample.logprobs, tokens)]
-                completions.append(Completion(
-                    prompt_index=index, prompt_ids=list(prompt), token_ids=tokens, logprobs=logprobs,
-                    text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                    finish_reason="stop" if sample.finish_reason == "stop" else "length", policy_version=self.version,
-                ))
+        for r, out in zip(requests, outputs):
+            sample = out.outputs[0]
+            tokens = list(sample.token_ids)
+            logprobs = [step[tok].logprob for step, tok in zip(sample.logprobs, tokens)]
+            completions.append(Completion(
+                prompt_index=0, prompt_ids=list(r.prompt_ids), token_ids=tokens, logprobs=logprobs,
+                text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                finish_reason="stop" if sample.finish_reason == "stop" else "length", policy_version=self.version,
+                request_id=r.id,
+            ))
         return completions
 
     def update_weights(self, state: dict[str, torch.Tensor], version: int) -> None:

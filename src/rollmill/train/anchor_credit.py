@@ -1,4 +1,4 @@
-"""Preplan-and-anchor credit (ALGORITHMS.md §4.5): scale token advantages by attention structure.
+"""Preplan-and-anchor credit (docs/algorithms.md §4.5): scale token advantages by attention structure.
 
 An extra no-grad forward with eager attention reads one layer's attention maps; WAAD marks
 preplan tokens, FAI marks anchor tokens, and the top `credit_top_q` of them get their advantage

@@ -1,4 +1,4 @@
-"""KL to the reference as a reward penalty, and the adaptive coefficient (ALGORITHMS.md §1.1-1.2).
+"""KL to the reference as a reward penalty, and the adaptive coefficient (docs/algorithms.md §1.1-1.2).
 
 With `kl_placement: reward` the penalty is applied before advantages: scalar estimators get
 R - beta * sum_t k_t per sequence (the token penalties summed, as a return with gamma 1 would);
