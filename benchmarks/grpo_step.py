@@ -71,18 +71,20 @@ def run_config(args, run_root: str):
 
 
 def bench_rollmill(args) -> dict:
-    from rollmill.pipelines.rlvr import RLVRPipeline
+    from rollmill.runtime.local import LocalRoles
+    from rollmill.runtime.rl import RLJob
 
     with tempfile.TemporaryDirectory(prefix="bench-rollmill-") as tmp:
-        pipe = RLVRPipeline(run_config(args, tmp), Path(tmp) / "run")
+        job = RLJob(run_config(args, tmp), Path(tmp) / "run", LocalRoles)
         steps = []
         for _ in range(args.steps + 1):
             t0 = time.perf_counter()
-            rec = pipe.rollout_and_train()
+            rec, _ = job.train_step()
             steps.append({"step": time.perf_counter() - t0, "gen": rec["time/rollout_s"], "update": rec["time/train_s"],
                           "len": rec["response_length/mean"], "old_logp": rec.get("time/old_logprobs_s", 0.0),
                           "fwd_bwd": rec.get("time/forward_backward_s", 0.0), "optim": rec.get("time/optimizer_s", 0.0),
                           "sync": rec.get("time/sync_s", 0.0)})
+        job.close()
     return {"steps": steps}
 
 
@@ -94,7 +96,8 @@ def same_prompts(args):
     cfg = run_config(args, "unused")
     train, _ = load_task(cfg.task)
     # Twice what max_steps needs, so TRL's sampler never reaches an epoch boundary inside the run.
-    return PromptCursor(train, seed=cfg.task.seed + cfg.train.seed).take(2 * (args.steps + 1) * args.prompts)
+    order = PromptCursor(len(train), seed=cfg.task.seed + cfg.train.seed).take(2 * (args.steps + 1) * args.prompts)
+    return [train[i] for i in order]
 
 
 def model_dir(args, tmp: str) -> Path:

@@ -17,7 +17,7 @@ from rollmill.agent import AgentLoop
 from rollmill.config import load_config
 from rollmill.envs import make_env
 from rollmill.models import load_model
-from rollmill.pipelines.agentic import EVAL_SEED_BASE
+from rollmill.pipelines.common import EVAL_SEED_BASE
 from rollmill.pipelines.common import sampling_params
 from rollmill.rollout import HFEngine
 from rollmill.train import list_checkpoints

@@ -38,7 +38,7 @@ def tiny_cfg(tmp_path):
 @pytest.fixture
 def straight_and_resumed(tmp_path):
     """Run `cfg` straight, and again as half the steps + --resume; return both runs' deterministic metrics."""
-    from rollmill.pipelines.rlvr import train
+    from rollmill.runtime import train
     from rollmill.track import deterministic_metrics
 
     def run(cfg):
@@ -50,3 +50,21 @@ def straight_and_resumed(tmp_path):
             tmp_path / "split" / "metrics.jsonl")
 
     return run
+
+
+@pytest.fixture
+def make_job():
+    """Build an RL job on the local backend (closed after the test): `job.train_step()` runs one step,
+    `job.roles.learner` is the learner."""
+    from rollmill.runtime.local import LocalRoles
+    from rollmill.runtime.rl import RLJob
+
+    jobs = []
+
+    def make(cfg, run_dir):
+        jobs.append(RLJob(cfg, run_dir, LocalRoles))
+        return jobs[-1]
+
+    yield make
+    for job in jobs:
+        job.close()

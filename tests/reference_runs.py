@@ -69,7 +69,7 @@ def weights_summary(path: Path) -> dict:
 
 def run(name: str, run_dir: Path, **sections) -> dict:
     """Train reference config `name` (sections override it) into `run_dir`; return what it produced."""
-    from rollmill.pipelines.rlvr import train
+    from rollmill.runtime import train
 
     data = json.loads(json.dumps(CONFIGS[name]))
     for key, value in sections.items():

@@ -13,7 +13,7 @@ from rollmill.envs import make_env
 from rollmill.models.tiny import build_char_tokenizer, build_tiny_model
 from rollmill.rollout import Completion, HFEngine, SamplingParams
 from rollmill.rollout.engine import BatchEngine
-from rollmill.train.batch import build_row_batch
+from rollmill.train.batch import build_batch
 from rollmill.train.trainer import completion_logprobs
 
 OPTIMAL = ["down", "down", "right", "down", "right", "right"]
@@ -87,7 +87,7 @@ def test_invalid_actions_are_penalised_counted_and_leave_the_state(tok):
     assert [t.invalid for t in traj.turns] == [True, False, True]
     assert [t.reward for t in traj.turns] == [-0.25, 0.0, -0.25]
     assert traj.turns[0].state == traj.turns[1].state != traj.turns[2].state
-    assert traj.end_reason == "max_turns" and traj.truncated
+    assert traj.end_reason == "max_turns"
 
 
 def test_unparsable_reply_is_invalid_without_calling_the_env(tok):
@@ -158,7 +158,7 @@ def test_plain_transcript_appends_observations_after_replies(tok):
 def test_keep_all_ends_an_episode_that_outgrows_the_context(tok):
     engine = ScriptedEngine(tok, ["right", "left"] * 10)
     traj = loop_for(engine, tok, max_turns=20, max_context_tokens=400).play([make_env("frozenlake")], [0], [0], [0])[0]
-    assert traj.end_reason == "context" and traj.truncated and 0 < traj.num_turns < 20
+    assert traj.end_reason == "context" and 0 < traj.num_turns < 20
     assert len(traj.rows[0].context) + 8 > 400  # the next turn would not have fit
 
 
@@ -214,13 +214,13 @@ def test_env_tokens_never_receive_gradient(tok):
         aggregate_loss(out.token_loss, batch.mask, mode="token-mean").backward()
         return logp.grad if leaf else torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    batch = build_row_batch(rows, advs, tok.pad_token_id)
+    batch = build_batch(rows, advs, tok.pad_token_id)
     env_positions = (batch.mask == 0) & (batch.input_ids[:, batch.prompt_width:] != tok.pad_token_id)
     assert env_positions.any() and batch.mask.sum() > 0
     d_logp = grads(batch, leaf=True)
     assert torch.all(d_logp[batch.mask == 0] == 0) and torch.all(d_logp[batch.mask == 1] != 0)
     reference = grads(batch)
-    noisy = build_row_batch(rows, advs, tok.pad_token_id)
+    noisy = build_batch(rows, advs, tok.pad_token_id)
     noisy.advantages = torch.where(noisy.mask == 0, torch.randn_like(noisy.advantages) * 100, noisy.advantages)
     noisy.behaviour_logprobs = torch.where(noisy.mask == 0, torch.randn_like(noisy.mask), noisy.behaviour_logprobs)
     assert torch.equal(grads(noisy), reference)

@@ -9,7 +9,7 @@ from conftest import tiny_config_dict
 
 from rollmill.config import ConfigError, config_from_dict
 from rollmill.envs import ENVS, register_env
-from rollmill.pipelines.rlvr import train
+from rollmill.runtime import train
 from rollmill.track import format_samples, read_jsonl
 
 

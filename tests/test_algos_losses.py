@@ -22,7 +22,7 @@ from rollmill.algos.losses import (
 )
 from rollmill.config import AlgorithmConfig, TrainConfig
 from rollmill.models import build_char_tokenizer, build_tiny_model
-from rollmill.rollout import Completion
+from rollmill.types import Row
 from rollmill.train import PolicyTrainer, build_batch
 
 
@@ -336,7 +336,7 @@ def random_batch(vocab, n=6):
     for _ in range(n):
         p = torch.randint(3, vocab, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
         c = torch.randint(3, vocab, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
-        comps.append(Completion(0, p, c, [-1.0] * len(c), "", "stop", 0))
+        comps.append(Row.sampled(p, c, [-1.0] * len(c)))
     return build_batch(comps, torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3, -0.4]), pad_id=2)
 
 

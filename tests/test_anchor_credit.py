@@ -7,8 +7,7 @@ import torch
 
 from rollmill.config import AlgorithmConfig
 from rollmill.models import build_char_tokenizer, build_tiny_model
-from rollmill.pipelines.rlvr import RLVRPipeline
-from rollmill.rollout import Completion
+from rollmill.types import Row
 from rollmill.train import build_batch
 from rollmill.train.anchor_credit import anchor_scaled_advantages, attention_maps
 
@@ -17,8 +16,8 @@ def batch_and_model():
     tok = build_char_tokenizer()
     model = build_tiny_model(len(tok), seed=0)
     g = torch.Generator().manual_seed(0)
-    comps = [Completion(0, torch.randint(3, 90, (4,), generator=g).tolist(), torch.randint(3, 90, (n,), generator=g).tolist(),
-                        [-1.0] * n, "", "stop", 0) for n in (10, 6, 10, 3)]
+    comps = [Row.sampled(torch.randint(3, 90, (4,), generator=g).tolist(), torch.randint(3, 90, (n,), generator=g).tolist(),
+                         [-1.0] * n) for n in (10, 6, 10, 3)]
     return model, build_batch(comps, torch.tensor([1.0, -1.0, 0.5, 2.0]), pad_id=2)
 
 
@@ -45,10 +44,11 @@ def test_advantages_are_amplified_on_the_top_fraction_of_each_reply(mode):
     assert counts == expected if mode != "preplan_anchor" else all(e <= c <= 2 * e for e, c in zip(expected, counts))
 
 
-def test_training_with_anchor_credit_runs(tiny_cfg, tmp_path):
+def test_training_with_anchor_credit_runs(tiny_cfg, tmp_path, make_job):
     cfg = tiny_cfg(algorithm={"credit": "preplan_anchor"}, eval={"before": False})
-    pipe = RLVRPipeline(cfg, tmp_path / "run")
-    before = [p.detach().clone() for p in pipe.model.parameters()]
-    record = pipe.rollout_and_train()
+    job = make_job(cfg, tmp_path / "run")
+    model = job.roles.learner.model
+    before = [p.detach().clone() for p in model.parameters()]
+    record, _ = job.train_step()
     assert math.isfinite(record["loss"])
-    assert any(not torch.equal(a, b) for a, b in zip(before, pipe.model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -5,7 +5,7 @@ import torch
 
 from rollmill.config import AlgorithmConfig, TrainConfig
 from rollmill.models import build_char_tokenizer, build_tiny_model
-from rollmill.rollout import Completion
+from rollmill.types import Row
 from rollmill.train import build_batch
 from rollmill.train.critic import CriticTrainer
 
@@ -13,8 +13,8 @@ from rollmill.train.critic import CriticTrainer
 def fixed_batch(vocab):
     g = torch.Generator().manual_seed(0)
     comps = [
-        Completion(0, torch.randint(3, vocab, (4,), generator=g).tolist(),
-                   torch.randint(3, vocab, (n,), generator=g).tolist(), [-1.0] * n, "", "stop", 0)
+        Row.sampled(torch.randint(3, vocab, (4,), generator=g).tolist(),
+                    torch.randint(3, vocab, (n,), generator=g).tolist(), [-1.0] * n)
         for n in (3, 5, 2, 4)
     ]
     return build_batch(comps, torch.zeros(4), pad_id=2)

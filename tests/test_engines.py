@@ -11,10 +11,11 @@ from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausa
 from rollmill.config import RolloutConfig
 from rollmill.models import build_char_tokenizer, build_tiny_model
 from rollmill.rollout import GenericHFEngine, HFEngine, SamplingParams, WeightSyncError, build_engine, sync_weights
-from rollmill.rollout.consistency import LogprobMismatchError, check_logprob_gap
 from rollmill.rollout.decoder import Decoder
 from rollmill.rollout.kv import PrefixStore
 from rollmill.train import build_batch, engine_logprob_gap
+from rollmill.train.consistency import LogprobMismatchError, check_logprob_gap
+from rollmill.types import Row
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +230,7 @@ def test_trainer_reports_the_largest_token_gap(tok, gqa_model):
     model = copy.deepcopy(gqa_model)
     out = HFEngine(model, tok).generate(encode(tok, ["ab", "cd"]), SamplingParams(max_new_tokens=6, n=2), seed=0)
     out[1].logprobs[2] -= 0.5  # one token's engine log-prob off by 0.5
-    batch = build_batch(out, torch.tensor([1.0, -1.0, 0.5, -0.5]), tok.pad_token_id)
+    batch = build_batch([Row.sampled(c.prompt_ids, c.token_ids, c.logprobs) for c in out], torch.tensor([1.0, -1.0, 0.5, -0.5]), tok.pad_token_id)
     metrics = PolicyTrainer(model, TrainConfig(lr=1e-6), AlgorithmConfig()).step(batch)
     assert metrics["logprob_mismatch_max"] == pytest.approx(0.5, abs=1e-4)
     tokens = sum(len(c.token_ids) for c in out)

@@ -14,7 +14,7 @@ from rollmill.sandbox import make_backend
 from rollmill.terminal import builtin_tasks_dir, load_task
 from rollmill.terminal.harness_run import run_harness_episode
 from rollmill.train.agent_credit import token_advantages, turn_advantages
-from rollmill.train.batch import build_row_batch
+from rollmill.train.batch import build_batch
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
 
@@ -59,7 +59,7 @@ def test_a_harness_that_solves_the_task_yields_reward_and_chunks(backend, tmp_pa
     assert episode.harness.ok, episode.harness.stderr
     assert episode.verdict.reward == 1.0
     traj = episode.trajectory
-    assert traj.success and traj.num_turns == 2 and traj.reward == 1.0 and traj.policy_version == 3
+    assert traj.success and traj.num_turns == 2 and traj.reward == 1.0 and traj.oldest_version == 3
     for row, reply in zip(traj.rows, replies):
         assert tok.decode(row.token_ids) == reply and row.mask == [1] * len(row.token_ids)
         assert row.logprobs == [-0.25] * len(row.token_ids)
@@ -71,7 +71,7 @@ def test_a_harness_that_solves_the_task_yields_reward_and_chunks(backend, tmp_pa
     per_turn = turn_advantages([traj, failed], agent, scalar=None, group_size=2)
     rows = traj.rows + failed.rows
     advs = token_advantages(traj, per_turn[0]) + token_advantages(failed, per_turn[1])
-    batch = build_row_batch(rows, advs, tok.pad_token_id)
+    batch = build_batch(rows, advs, tok.pad_token_id)
     assert batch.size == 4 and int(batch.mask.sum()) == 2 * sum(len(r.token_ids) for r in traj.rows)
     assert set(batch.segments[batch.mask.bool()].tolist()) == {0, 1}  # one chunk per call
     assert float(per_turn[0][-1]) > float(per_turn[1][-1])

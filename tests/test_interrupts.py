@@ -8,7 +8,7 @@ import time
 import pytest
 
 from rollmill.config import dump_config
-from rollmill.pipelines.rlvr import train
+from rollmill.runtime import train
 from rollmill.track import read_jsonl
 from rollmill.train import list_checkpoints
 

@@ -3,7 +3,6 @@
 import torch
 
 from rollmill.config import AlgorithmConfig
-from rollmill.pipelines.rlvr import RLVRPipeline
 from rollmill.train.kl_control import KLControl
 
 
@@ -21,10 +20,10 @@ def test_adaptive_coefficient_follows_the_spec_example_and_grows_when_kl_is_high
     assert abs(metrics["kl/coef"] - 0.201024) < 1e-6 and abs(metrics["kl/reward_side"] - 0.15) < 1e-6
 
 
-def test_reward_side_kl_shapes_rewards_in_a_run(tiny_cfg, tmp_path):
+def test_reward_side_kl_shapes_rewards_in_a_run(tiny_cfg, tmp_path, make_job):
     cfg = tiny_cfg(algorithm={"kl_coef": 0.5, "kl_placement": "reward", "kl_estimator": "k1"}, eval={"before": False})
-    pipe = RLVRPipeline(cfg, tmp_path / "run")
-    first, second = pipe.rollout_and_train(), pipe.rollout_and_train()
+    job = make_job(cfg, tmp_path / "run")
+    first, second = job.train_step()[0], job.train_step()[0]
     assert abs(first["kl/reward_side"]) < 1e-4  # the first batch is sampled by the reference itself
     assert abs(second["kl/reward_side"]) > 1e-3  # after one update at lr 1e-2 the policy has moved
     assert second["kl/coef"] == 0.5

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from rollmill.config import load_config
-from rollmill.pipelines.rlvr import train
+from rollmill.runtime import train
 from rollmill.track import read_jsonl
 
 

@@ -5,7 +5,7 @@ import torch
 
 from rollmill.cli import main
 from rollmill.config import dump_config
-from rollmill.pipelines.rlvr import RLVRPipeline, train
+from rollmill.runtime import train
 from rollmill.tasks import DataError
 from rollmill.track import deterministic_metrics, read_jsonl
 
@@ -51,18 +51,22 @@ def test_resume_reproduces_a_straight_run(tiny_cfg, tmp_path):
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
-def test_resume_after_a_kill_drops_the_lost_steps(tiny_cfg, tmp_path):
+def test_resume_after_a_kill_drops_the_lost_steps(tiny_cfg, tmp_path, make_job):
+    from rollmill.track import RunLogger
+
     cfg = tiny_cfg(checkpoint={"every": 2})
     run_dir = tmp_path / "run"
-    pipe = RLVRPipeline(cfg, run_dir)
-    pipe.logger.log_metrics({"step": 0})
+    job = make_job(cfg, run_dir)
+    run_dir.mkdir()
+    logger = RunLogger(run_dir, tensorboard=False)
+    logger.log_metrics({"step": 0})
     for _ in range(3):  # checkpoint at 2, then "killed" after step 3
-        record = pipe.rollout_and_train()
-        pipe.logger.log_metrics(record)
-        if pipe.step == 2:
-            pipe._checkpoint()
-    resumed = RLVRPipeline(cfg, run_dir, resume=True)
-    assert resumed.step == 2
+        record, _ = job.train_step()
+        logger.log_metrics(record)
+        if job.step == 2:
+            job.save({})
+    resumed = train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 2})}), run_dir, resume=True)
+    assert resumed.steps == 2
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2]
 
 
@@ -77,7 +81,8 @@ def test_malformed_data_file_fails_before_model_loads(tiny_cfg, tmp_path, monkey
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"prompt": "ok", "answer": "1"}) + "\n" + json.dumps({"answer": "2"}) + "\n")
     cfg = tiny_cfg(task={"source": "file", "path": str(data), "eval_size": 1})
-    monkeypatch.setattr("rollmill.pipelines.base.load_model", lambda *_: pytest.fail("model loaded before data check"))
+    for role in ("learner", "worker"):
+        monkeypatch.setattr(f"rollmill.runtime.{role}.load_model", lambda *_: pytest.fail("model loaded before data check"))
     with pytest.raises(DataError) as err:
         train(cfg, tmp_path / "run")
     assert "bad.jsonl" in str(err.value) and "2" in str(err.value) and "prompt" in str(err.value)

@@ -8,7 +8,6 @@ import torch
 from rollmill.algos import ALGORITHMS
 from rollmill.cli import main
 from rollmill.config import load_config
-from rollmill.pipelines.rlvr import RLVRPipeline
 
 PRESETS = sorted((Path(__file__).parent.parent / "examples" / "presets").glob("*.yaml"))
 TINY = [
@@ -24,16 +23,17 @@ def test_every_preset_has_an_example():
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
-def test_preset_trains_two_steps(path, tmp_path):
+def test_preset_trains_two_steps(path, tmp_path, make_job):
     cfg = load_config(path, TINY + [f"log.run_root={tmp_path}"])
     for key, value in ALGORITHMS[path.stem].settings.items():
         assert getattr(cfg.algorithm, key) == value
-    pipe = RLVRPipeline(cfg, tmp_path / "run")
-    before = [p.detach().clone() for p in pipe.model.parameters()]
-    records = [pipe.rollout_and_train() for _ in range(2)]
+    job = make_job(cfg, tmp_path / "run")
+    model = job.roles.learner.model
+    before = [p.detach().clone() for p in model.parameters()]
+    records = [job.train_step()[0] for _ in range(2)]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
-    assert any(not torch.equal(a, b) for a, b in zip(before, pipe.model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_algos_command_lists_every_registry(capsys):

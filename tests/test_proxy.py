@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from rollmill.models import build_char_tokenizer, build_tiny_model
-from rollmill.proxy import ModelProxy, calls_to_chunks
+from rollmill.proxy import ModelProxy, calls_to_trajectory
 from rollmill.rollout import Completion, HFEngine, SamplingParams
 
 SEED = 7
@@ -101,12 +101,13 @@ def test_openai_client_conversation_records_exactly_what_the_engine_sampled(serv
     (direct,) = hf_engine.generate([calls[0].prompt_ids], SamplingParams(temperature=1.0, max_new_tokens=10), SEED)
     assert direct.token_ids == calls[0].choices[0].token_ids
 
-    chunks = calls_to_chunks(calls)
-    assert [(ch["call"], ch["choice"], ch["session"]) for ch in chunks] == [(0, 0, "episode-1"), (1, 0, "episode-1"),
-                                                                           (2, 0, "episode-1")]
-    assert [ch["token_ids"] for ch in chunks] == [r[0].token_ids for r in engine.returned]
-    assert [ch["prompt_ids"] for ch in chunks] == [c.prompt_ids for c in calls]
-    assert [ch["logprobs"] for ch in chunks] == [r[0].logprobs for r in engine.returned]
+    assert [(c.index, c.session) for c in calls] == [(0, "episode-1"), (1, "episode-1"), (2, "episode-1")]
+    traj = calls_to_trajectory(calls, reward=1.0)
+    assert [row.token_ids for row in traj.rows] == [r[0].token_ids for r in engine.returned]
+    assert [row.prompt_ids for row in traj.rows] == [c.prompt_ids for c in calls]
+    assert [row.logprobs for row in traj.rows] == [r[0].logprobs for r in engine.returned]
+    assert [row.turn_of_token[0] for row in traj.rows] == [0, 1, 2]  # one chunk per call
+    assert traj.versions == [0] * traj.sampled_tokens and [t.reward for t in traj.turns] == [0.0, 0.0, 1.0]
 
 
 def test_n_choices_are_recorded_and_returned_in_order(served):
@@ -118,7 +119,7 @@ def test_n_choices_are_recorded_and_returned_in_order(served):
     assert [c.token_ids for c in call.choices] == [c.token_ids for c in engine.returned[0]]
     assert all(len(c.token_ids) <= 4 for c in call.choices)
     assert reply["usage"]["completion_tokens"] == sum(len(c.token_ids) for c in call.choices)
-    assert [ch["choice"] for ch in calls_to_chunks([call])] == [0, 1, 2]
+    assert calls_to_trajectory([call], 0.0).rows[0].token_ids == call.choices[0].token_ids  # the first choice trains
 
 
 def test_unix_socket_serves_the_openai_client_and_stop_removes_it(tmp_path, tok, hf_engine):

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from rollmill.models import build_char_tokenizer, build_tiny_model
-from rollmill.proxy import ModelProxy, calls_to_chunks
+from rollmill.proxy import ModelProxy, calls_to_trajectory
 from rollmill.rollout import HFEngine
 from rollmill.sandbox import Mount, SandboxSpec, make_backend
 
@@ -59,6 +59,6 @@ def test_harness_in_a_sandbox_uses_the_proxy_over_a_unix_socket(tmp_path):
         sampled = call.choices[0]
         assert tok.decode(sampled.token_ids, skip_special_tokens=True).startswith(reply)
         assert len(sampled.logprobs) == len(sampled.token_ids) > 0
-    chunks = calls_to_chunks(calls)
-    assert [c["call"] for c in chunks] == [call.index for call in calls]
-    assert chunks[1]["prompt_ids"][: len(chunks[0]["prompt_ids"])] == chunks[0]["prompt_ids"]
+    rows = calls_to_trajectory(calls, reward=0.0).rows
+    assert [row.token_ids for row in rows] == [call.choices[0].token_ids for call in calls]
+    assert rows[1].prompt_ids[: len(rows[0].prompt_ids)] == rows[0].prompt_ids

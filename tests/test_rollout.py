@@ -5,6 +5,7 @@ from rollmill.models import build_char_tokenizer, build_tiny_model
 from rollmill.rollout import HFEngine, SamplingParams
 from rollmill.rollout.sampling import filter_top_p, sample_tokens
 from rollmill.train import build_batch, completion_logprobs
+from rollmill.types import Row
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_engine_logprobs_match_trainer_recompute(engine):
     prompts = encode(engine, ["What is 2 + 2?", "Which is larger, 3 or 9?"])
     for temperature in (1.0, 0.7):
         out = engine.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=8, n=4), seed=0)
-        batch = build_batch(out, torch.zeros(len(out)), engine.tokenizer.pad_token_id)
+        batch = build_batch([Row.sampled(c.prompt_ids, c.token_ids, c.logprobs) for c in out], torch.zeros(len(out)), engine.tokenizer.pad_token_id)
         with torch.no_grad():
             logp, _ = completion_logprobs(engine.model, batch, temperature=temperature)
         diff = ((logp - batch.behaviour_logprobs).abs() * batch.mask).max()

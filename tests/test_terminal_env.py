@@ -97,7 +97,7 @@ def test_unknown_task_names_are_rejected():
 
 @needs_bwrap
 def test_agentic_rl_on_the_terminal_env_runs_end_to_end(tmp_path):
-    from rollmill.pipelines.rlvr import train
+    from rollmill.runtime import train
     from rollmill.track import format_samples, read_jsonl
 
     data = tiny_config_dict(
@@ -143,8 +143,16 @@ def test_the_env_works_the_same_over_a_remote_sandbox_server(tmp_path, monkeypat
 
 @needs_bwrap
 def test_envs_reset_concurrently_share_one_backend(monkeypatch):
-    from rollmill.agent.env_calls import call_all
+    import asyncio
+
+    from rollmill.agent.env_calls import call_env
     from rollmill.envs import terminal
+
+    def call_all(calls, timeout):  # all at once, as concurrent episodes make them
+        async def gather():
+            return await asyncio.gather(*(call_env(fn, args, timeout) for fn, args in calls))
+
+        return asyncio.run(gather())
 
     monkeypatch.setattr(terminal, "_BACKENDS", {})  # the race is in building the first backend
     envs = [make_env("terminal", names=["hello-file"], max_steps=3) for _ in range(4)]

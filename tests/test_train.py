@@ -3,12 +3,12 @@ import torch
 
 from rollmill.config import AlgorithmConfig, TrainConfig
 from rollmill.models import build_char_tokenizer, build_tiny_model
-from rollmill.rollout import Completion
+from rollmill.types import Row
 from rollmill.train import PolicyTrainer, build_batch, completion_logprobs
 
 
 def completion(prompt, tokens, lps=None):
-    return Completion(0, prompt, tokens, lps or [-1.0] * len(tokens), "", "stop", 0)
+    return Row.sampled(prompt, tokens, lps or [-1.0] * len(tokens))
 
 
 def test_build_batch_layout():

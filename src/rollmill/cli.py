@@ -33,7 +33,7 @@ def cmd_train(args) -> int:
         config_path = Path(args.run_dir) / "config.yaml"
     cfg = load_config(config_path, args.set)
     from rollmill.pipelines.common import new_run_dir
-    from rollmill.pipelines.rlvr import train
+    from rollmill.runtime import train
 
     run_dir = Path(args.run_dir) if args.run_dir else (_latest_run(cfg) if args.resume else None) or new_run_dir(cfg)
     log.info("run directory: %s", run_dir)
@@ -45,34 +45,23 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from rollmill.models import load_model
-    from rollmill.pipelines.evaluate import evaluate
-    from rollmill.rollout import build_engine
-    from rollmill.tasks import load_task
+    from rollmill.runtime import evaluate
     from rollmill.train import list_checkpoints
-    from rollmill.train.checkpoint import load_weights
 
     target = Path(args.target) if args.target else None
     run_dir = target if target is not None and target.is_dir() else None
     cfg = load_config(run_dir / "config.yaml" if run_dir else target, args.set)
-    eval_examples = load_task(cfg.task)[1] if cfg.pipeline == "rlvr" else []
-    model, tokenizer = load_model(cfg.model)
-    source = "initial weights"
+    overrides = {k: v for k, v in (("n", args.n), ("temperature", args.temperature)) if v is not None}
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update=overrides)})
+    checkpoint = None
     if run_dir is not None:
         ckpts = list_checkpoints(run_dir / "checkpoints")
         if not ckpts:
             raise ConfigError(f"{run_dir} has no checkpoint to evaluate")
-        load_weights(ckpts[-1], model)
-        source = str(ckpts[-1])
-    engine = build_engine(cfg.rollout, model, tokenizer)
-    if cfg.pipeline == "agentic":
-        from rollmill.pipelines.agentic import evaluate_episodes
-
-        metrics = evaluate_episodes(engine, tokenizer, cfg, temperature=args.temperature)
-        print(f"{source}: {cfg.env.eval_episodes} held-out {cfg.env.name} episodes: {_fmt(metrics)}")
-        return 0
-    metrics = evaluate(engine, tokenizer, eval_examples, cfg, n=args.n, temperature=args.temperature)
-    print(f"{source}: {len(eval_examples)} held-out prompts: {_fmt(metrics)}")
+        checkpoint = ckpts[-1]
+    metrics, count = evaluate(cfg, checkpoint)
+    what = f"held-out {cfg.env.name} episodes" if cfg.pipeline == "agentic" else "held-out prompts"
+    print(f"{checkpoint or 'initial weights'}: {count} {what}: {_fmt(metrics)}")
     return 0
 
 

@@ -1,6 +1,5 @@
-"""Multi-turn agents: the episode loop, chat formatting and action parsing, trajectories."""
+"""Multi-turn agents: the episode coroutine, chat formatting and action parsing."""
 
-from rollmill.agent.loop import AgentLoop
-from rollmill.agent.trajectory import Row, Trajectory, Turn
+from rollmill.agent.loop import Agent, AgentLoop
 
-__all__ = ["AgentLoop", "Row", "Trajectory", "Turn"]
+__all__ = ["Agent", "AgentLoop"]

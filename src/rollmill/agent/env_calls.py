@@ -1,14 +1,14 @@
-"""Calling env code that may raise or hang: each call in its own daemon thread, with a deadline.
+"""Calling env code that may raise or hang: each call in its own daemon thread, awaited with a deadline.
 
-A hung env cannot be killed from Python; its thread is abandoned (daemon, so it never blocks
-exit) and the episode is marked failed. Calls for all live episodes run at once, so slow envs
-(tools, sandboxes) overlap instead of adding up.
+A hung env cannot be killed from Python; its thread is abandoned (daemon, so it never blocks exit)
+and the episode is marked failed. Each episode awaits only its own calls, so slow envs (tools,
+sandboxes) never hold up the others.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,22 +24,27 @@ class CallResult:
         return self.error is None and not self.timed_out
 
 
-def call_all(calls: list[tuple[Callable, tuple]], timeout_s: float) -> list[CallResult]:
-    """Run every `fn(*args)` concurrently; each gets `timeout_s` from the moment all have started."""
-    results = [CallResult() for _ in calls]
+async def call_env(fn: Callable, args: tuple, timeout_s: float) -> CallResult:
+    """`fn(*args)` in a daemon thread; a raise or a call slower than `timeout_s` becomes the result."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
 
-    def run(slot: CallResult, fn: Callable, args: tuple) -> None:
+    def deliver(result: CallResult) -> None:
+        if not future.done():
+            future.set_result(result)
+
+    def run() -> None:
         try:
-            slot.value = fn(*args)
+            result = CallResult(value=fn(*args))
         except Exception as err:  # an env bug fails its episode, never the run
-            slot.error = f"{type(err).__name__}: {' '.join(str(err).split())}"
+            result = CallResult(error=f"{type(err).__name__}: {' '.join(str(err).split())}")
+        try:
+            loop.call_soon_threadsafe(deliver, result)
+        except RuntimeError:  # the loop closed while this call hung: nobody waits for it any more
+            pass
 
-    threads = [threading.Thread(target=run, args=(slot, fn, args), daemon=True) for slot, (fn, args) in zip(results, calls)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout_s
-    for slot, t in zip(results, threads):
-        t.join(max(0.0, deadline - time.monotonic()))
-        if t.is_alive():
-            slot.timed_out = True
-    return results
+    threading.Thread(target=run, daemon=True, name=f"env-{getattr(fn, '__name__', 'call')}").start()
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+    except asyncio.TimeoutError:
+        return CallResult(timed_out=True)

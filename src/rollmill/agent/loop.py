@@ -1,31 +1,37 @@
-"""The multi-turn agent loop: many episodes advance together, one engine batch per turn.
+"""The multi-turn agent: one episode is one coroutine that alternates engine replies and env steps.
 
-At each turn every live episode's context goes to the engine in one `generate` call; replies are
-appended as sampled tokens, actions parsed and sent to the envs (concurrently, with a timeout),
-and episodes that end leave the batch. An env that raises or hangs fails only its own episode.
+Each episode awaits its own reply (the engine batches the replies of every episode that is ready,
+see `rollmill.rollout.driver`) and its own env calls (each with a timeout), so one slow env or one
+long reply holds up only its own episode. Replies are appended as sampled tokens, observations as
+env tokens; an env that raises or hangs fails only its own episode. `AgentLoop.play` runs a list of
+episodes in lockstep (turn t of every episode in one engine batch), the synchronous agent loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
+from typing import Awaitable, Callable
 
 from rollmill.agent.chat import ChatFormat, PlainFormat, format_instruction, parse_action, stop_strings
-from rollmill.agent.env_calls import CallResult, call_all
-from rollmill.agent.trajectory import Row, Trajectory, Turn
+from rollmill.agent.env_calls import CallResult, call_env
 from rollmill.config import AgentConfig
 from rollmill.envs import Env
 from rollmill.rollout import SamplingParams
-from rollmill.rollout.engine import Request
+from rollmill.rollout.driver import EngineDriver
+from rollmill.rollout.engine import Completion, Request
 from rollmill.rollout.sampling import request_seed
+from rollmill.types import Row, Trajectory, Turn
 
 OMITTED = "(observation omitted)"
 
+Generate = Callable[[Request], Awaitable[Completion]]
 
-class AgentLoop:
-    """Plays batches of episodes with one engine; owns chat formatting, parsing and the context policy."""
 
-    def __init__(self, engine, tokenizer, cfg: AgentConfig, sampling: SamplingParams, step_timeout_s: float = 30.0):
-        self.engine = engine
+class Agent:
+    """Plays episodes: owns chat formatting, action parsing, the context policy and the turn limits."""
+
+    def __init__(self, tokenizer, cfg: AgentConfig, sampling: SamplingParams, step_timeout_s: float = 30.0):
         self.chat = ChatFormat(tokenizer) if cfg.chat_template else PlainFormat(tokenizer)
         self.cfg = cfg
         self.sampling = replace(sampling, n=1, stop=tuple(sampling.stop) + stop_strings(cfg.action_format, cfg.action_tag))
@@ -38,33 +44,11 @@ class AgentLoop:
         lines = [text] + ([self.format_line] if self.cfg.format_hint else [])
         return "\n".join(line for line in lines if line)
 
-    def play(self, envs: list[Env], seeds: list[int], group_ids: list[int], sample_seeds: list[int],
-             env_name: str = "") -> list[Trajectory]:
-        """One episode per env (reset with its seed); returns them in the same order. Turn t of episode
-        i samples with seed `request_seed(sample_seeds[i], t)`."""
-        resets = call_all([(env.reset, (s,)) for env, s in zip(envs, seeds)], self.timeout)
-        trajs = [self._start(env, s, g, r, env_name) for env, s, g, r in zip(envs, seeds, group_ids, resets)]
-        for turn in range(self.cfg.max_turns):
-            running = [i for i, t in enumerate(trajs) if t.end_reason == "running"]
-            live = [i for i in running if self._prepare_context(trajs[i], turn)]
-            if not live:
-                break
-            completions = self.engine.run([Request(tuple(trajs[i].rows[-1].context), self.sampling,
-                                                   request_seed(sample_seeds[i], turn)) for i in live])
-            actions = [parse_action(c.text, self.cfg.action_format, self.cfg.action_tag) for c in completions]
-            for i, c in zip(live, completions):
-                trajs[i].rows[-1].append(c.token_ids, c.logprobs, turn)
-            to_step = [(i, a) for i, a in zip(live, actions) if a is not None]
-            results = dict(zip([i for i, _ in to_step], call_all([(envs[i].step, (a,)) for i, a in to_step], self.timeout)))
-            for i, c, action in zip(live, completions, actions):
-                self._record(trajs[i], c, action, results.get(i), turn)
-        for t in trajs:
-            if t.end_reason == "running":
-                t.truncated, t.end_reason = True, "max_turns"
-        return trajs
-
-    def _start(self, env: Env, seed: int, group: int, reset: CallResult, env_name: str) -> Trajectory:
-        traj = Trajectory(env_name, seed, group, rows=[], initial_observation="", policy_version=self.engine.version)
+    async def run_episode(self, env: Env, traj: Trajectory, env_seed: int, sample_seed: int,
+                          generate: Generate) -> Trajectory:
+        """Play `traj` (empty, with its ids set) on `env` reset with `env_seed`; turn t samples with
+        seed `request_seed(sample_seed, t)`."""
+        reset = await call_env(env.reset, (env_seed,), self.timeout)
         if not reset.ok or not _is_reset_result(reset.value):
             self._fail(traj, reset, "reset")
             return traj
@@ -73,6 +57,18 @@ class AgentLoop:
         traj.info["state"] = traj.initial_state
         traj.info["system"] = self.system_prompt(env)
         traj.rows.append(Row(self.chat.prompt(self._messages(traj, turn=0))))
+        for turn in range(self.cfg.max_turns):
+            if not self._prepare_context(traj, turn):
+                return traj
+            completion = await generate(Request(tuple(traj.rows[-1].context), self.sampling,
+                                                request_seed(sample_seed, turn)))
+            action = parse_action(completion.text, self.cfg.action_format, self.cfg.action_tag)
+            traj.rows[-1].append_sampled(completion.token_ids, completion.logprobs, completion.versions, turn)
+            result = await call_env(env.step, (action,), self.timeout) if action is not None else None
+            self._record(traj, completion, action, result, turn)
+            if traj.end_reason != "running":
+                return traj
+        traj.end_reason = "max_turns"
         return traj
 
     def _messages(self, traj: Trajectory, turn: int) -> list[dict]:
@@ -100,13 +96,14 @@ class AgentLoop:
                 traj.rows.append(Row(self.chat.prompt(self._messages(traj, turn))))
             else:
                 row = traj.rows[-1]  # it ends with the previous reply: observations are appended only here
-                row.append(self.chat.observation(traj.turns[-1].observation, row.token_ids[-1:]))
+                row.append_env(self.chat.observation(traj.turns[-1].observation, row.token_ids[-1:]))
         if len(traj.rows[-1].context) + self.sampling.max_new_tokens > self.cfg.max_context_tokens:
-            traj.truncated, traj.end_reason = True, "context"
+            traj.end_reason = "context"
             return False
         return True
 
-    def _record(self, traj: Trajectory, completion, action: str | None, result: CallResult | None, turn: int) -> None:
+    def _record(self, traj: Trajectory, completion: Completion, action: str | None, result: CallResult | None,
+                turn: int) -> None:
         state_before = traj.info.get("state")
         if action is None:
             traj.turns.append(Turn(completion.text, None, f"Invalid action. {self.format_line}", self.cfg.invalid_action_penalty,
@@ -124,7 +121,6 @@ class AgentLoop:
                                len(traj.rows) - 1, completion.finish_reason))
         traj.info["state"] = info.get("state", state_before)
         if terminated or truncated:
-            traj.terminated, traj.truncated = bool(terminated), bool(truncated) and not terminated
             traj.success = bool(info.get("success", terminated and reward > 0))
             traj.end_reason = "terminated" if terminated else "env_truncated"
             if info.get("limit"):  # which of the env's own limits ended it (e.g. a terminal task's)
@@ -137,6 +133,37 @@ class AgentLoop:
         else:
             traj.end_reason = "env_error"
             traj.error = f"{where}: {result.error or f'returned {type(result.value).__name__}, not the env protocol shape'}"
+
+
+class AgentLoop(Agent):
+    """An `Agent` with an engine of its own, for playing a list of episodes in lockstep (tests, evals, tools)."""
+
+    def __init__(self, engine, tokenizer, cfg: AgentConfig, sampling: SamplingParams, step_timeout_s: float = 30.0):
+        super().__init__(tokenizer, cfg, sampling, step_timeout_s)
+        self.engine = engine
+
+    def play(self, envs: list[Env], seeds: list[int], group_ids: list[int], sample_seeds: list[int],
+             env_name: str = "") -> list[Trajectory]:
+        """One episode per env (reset with its seed), turn t of all of them in one engine batch;
+        returns them in the same order. Turn t of episode i samples with `request_seed(sample_seeds[i], t)`."""
+        return asyncio.run(self._play(envs, seeds, group_ids, sample_seeds, env_name))
+
+    async def _play(self, envs, seeds, group_ids, sample_seeds, env_name) -> list[Trajectory]:
+        driver = EngineDriver(self.engine)
+        wave = driver.wave(list(range(len(envs))))
+
+        async def one(k: int) -> Trajectory:
+            traj = Trajectory(group_ids[k], k, seeds[k], info={"env": env_name})
+            try:
+                return await self.run_episode(envs[k], traj, seeds[k], sample_seeds[k],
+                                              lambda request: driver.generate(request, wave, k))
+            finally:
+                wave.leave(k)
+
+        try:
+            return list(await asyncio.gather(*(one(k) for k in range(len(envs)))))
+        finally:
+            await driver.close()
 
 
 def _is_reset_result(value) -> bool:

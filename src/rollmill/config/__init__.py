@@ -14,11 +14,12 @@ from typing import Any, Literal
 import re
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rollmill.config.agent import AgentConfig, EnvConfig
 from rollmill.config.algorithm import AlgorithmConfig
 from rollmill.config.base import Strict
+from rollmill.config.runtime import AsyncConfig, RuntimeConfig
 
 
 class TinyModelConfig(Strict):
@@ -207,6 +208,8 @@ class LogConfig(Strict):
 class RunConfig(Strict):
     """Everything one `rollmill train` needs. `pipeline` picks RLVR (task + reward) or agentic (env + agent)."""
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
     name: str = "rlvr"
     pipeline: Literal["rlvr", "agentic"] = "rlvr"
     model: ModelConfig = ModelConfig()
@@ -221,6 +224,8 @@ class RunConfig(Strict):
     log: LogConfig = LogConfig()
     env: EnvConfig = Field(default_factory=EnvConfig)
     agent: AgentConfig = AgentConfig()
+    async_: AsyncConfig = Field(AsyncConfig(), alias="async")
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _agentic_supports(self) -> "RunConfig":
@@ -281,7 +286,7 @@ def _format_error(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             section = _section_model(e["loc"][:-1])
-            allowed = sorted(section.model_fields) if section else []
+            allowed = sorted(f.alias or name for name, f in section.model_fields.items()) if section else []
             lines.append(f"unknown key {key!r}; allowed keys here: {allowed}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
@@ -292,7 +297,8 @@ def _format_error(err: ValidationError) -> str:
 def _section_model(loc: tuple) -> type[BaseModel] | None:
     model: type[BaseModel] = RunConfig
     for part in loc:
-        field = model.model_fields.get(str(part))
+        by_key = {f.alias or name: f for name, f in model.model_fields.items()}
+        field = by_key.get(str(part))
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
             return None
         model = field.annotation
@@ -323,4 +329,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))

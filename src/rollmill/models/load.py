@@ -90,6 +90,17 @@ def load_hf_dir(path: str | Path, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def load_tokenizer(cfg: ModelConfig):
+    """The configured model's tokenizer alone (converting SmolLM2 once if needed, as `load_model` would)."""
+    if cfg.source == "tiny":
+        tokenizer = build_char_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_dir() if cfg.source == "smollm2" else cfg.path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
     """Return (model, tokenizer) for the configured source, the model in eval mode (no dropout)."""
     dtype = getattr(torch, cfg.dtype)
@@ -110,4 +121,4 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
     return model, tokenizer
 
 
-__all__ = ["ModelLoadError", "load_model", "load_hf_dir", "smollm2_dir", "cache_dir"]
+__all__ = ["ModelLoadError", "load_model", "load_hf_dir", "load_tokenizer", "smollm2_dir", "cache_dir"]

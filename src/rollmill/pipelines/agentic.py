@@ -1,122 +1,140 @@
-"""Agentic RL: batches of multi-turn episodes against an env -> per-turn credit -> the same policy update.
+"""Agentic RL: multi-turn episodes against an env -> per-turn credit -> the same policy update.
 
-Shares the engine, trainer, losses, checkpoints and logging with RLVR (`BasePipeline`); what differs
-is the data (env seeds instead of prompts), the rollout (`AgentLoop`) and the credit
-(`train.agent_credit`). A group is `group_size` episodes of one env seed.
+A group is `group_size` episodes of one env seed. `EnvSeedSource` runs on the driver, `EnvEpisodes`
+(the agent loop over a pool of envs) on the rollout worker, `update` (per-turn credit from
+`train.agent_credit`) on the learner.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-
 import torch
 
-from rollmill.agent import AgentLoop, Trajectory
+from rollmill.agent import Agent
+from rollmill.config import RunConfig
 from rollmill.envs import make_env
-from rollmill.pipelines.base import BasePipeline
-from rollmill.pipelines.common import env_seed, sample_seed, sampling_params, spread, step_seed
+from rollmill.pipelines.base import EpisodeContext, RLPipeline
+from rollmill.pipelines.common import EVAL_SEED_BASE, env_seed, sample_seed, sampling_params, step_seed
+from rollmill.train import build_batch
 from rollmill.train.agent_credit import token_advantages, turn_advantages
-from rollmill.train.batch import build_row_batch
+from rollmill.types import GroupSpec, Trajectory
 
-log = logging.getLogger(__name__)
-
-EVAL_SEED_BASE = 1_000_000_000  # training seeds stay below this, so held-out episodes are never trained on
+END_REASONS = ("terminated", "max_turns", "context", "env_truncated", "env_error", "env_timeout")
 
 
-class AgenticPipeline(BasePipeline):
-    headline = "eval/success"
+class EnvSeedSource:
+    """Env seeds for training groups (a function of the group id) and the held-out seeds."""
 
-    def __init__(self, cfg, run_dir, resume: bool = False):
-        ipa = cfg.agent.credit == "ipa"
-        # one chunk per turn under IPA; length normalisation (Dr.GRPO) spans the whole episode row
-        super().__init__(cfg, run_dir, resume, max_new_tokens=None, segment_ratio=ipa,
-                         segment_mismatch_bound=cfg.agent.ipa_mismatch_bound if ipa else None)
-        self.loop = AgentLoop(self.engine, self.tokenizer, cfg.agent, sampling_params(cfg.rollout.sampling, n=1),
-                              step_timeout_s=cfg.env.step_timeout_s)
-
-    def _load_data(self) -> None:
-        cfg = self.cfg
-        count = cfg.rollout.prompts_per_step * cfg.rollout.group_size
-        self.envs = [make_env(cfg.env.name, **cfg.env.kwargs) for _ in range(count)]
-        self.eval_envs = [make_env(cfg.env.name, **cfg.env.kwargs) for _ in range(cfg.env.eval_episodes)]
-        self._all_failed_streak = 0
+    def __init__(self, cfg: RunConfig):
+        self.seed = cfg.train.seed
+        self.eval_episodes = cfg.env.eval_episodes
         self.groups_started = 0
 
-    def _data_state(self) -> dict:
+    def next_groups(self, count: int, samples: int) -> list[GroupSpec]:
+        specs = []
+        for gid in range(self.groups_started, self.groups_started + count):
+            seed = env_seed(self.seed, gid, EVAL_SEED_BASE)
+            specs.append(GroupSpec(gid, seed, seed, tuple(range(samples))))
+        self.groups_started += count
+        return specs
+
+    def eval_groups(self, samples: int) -> list[GroupSpec]:
+        """One episode per held-out seed (never trained on: training seeds stay below EVAL_SEED_BASE)."""
+        return [GroupSpec(i, EVAL_SEED_BASE + i, EVAL_SEED_BASE + i, (0,), eval=True) for i in range(self.eval_episodes)]
+
+    def state(self) -> dict:
         return {"groups_started": self.groups_started}
 
-    def _restore_data(self, state: dict) -> None:
+    def load_state(self, state: dict) -> None:
         self.groups_started = state["groups_started"]
 
-    def _held_out(self) -> dict:
-        return evaluate_episodes(self.engine, self.tokenizer, self.cfg, self.eval_envs)
 
-    def rollout_and_train(self) -> dict:
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        g = cfg.rollout.group_size
-        first = self.groups_started
-        groups = [first + i // g for i in range(cfg.rollout.prompts_per_step * g)]
-        seeds = [env_seed(cfg.train.seed, gid, EVAL_SEED_BASE) for gid in groups]
-        sample_seeds = [sample_seed(cfg.train.seed, gid, i % g) for i, gid in enumerate(groups)]
-        trajs = self.loop.play(self.envs, seeds, groups, sample_seeds, env_name=cfg.env.name)
-        self.groups_started += cfg.rollout.prompts_per_step
-        t_rollout = time.perf_counter() - t0
-        failed_groups = {t.group_id for t in trajs if t.failed}
-        kept = [t for t in trajs if t.group_id not in failed_groups]
-        train_metrics = self._update(kept) if kept else {}
-        if not kept:
-            log.warning("step %d: every group had a failed episode; no update this step", self.step + 1)
-        t_train = time.perf_counter() - t0 - t_rollout
-        self.step += 1
-        t_sync = self._sync_weights()
-        for t in [t for t in trajs if t.failed][:3]:
-            log.warning("step %d: episode (seed %d) failed: %s", self.step, t.seed, t.error)
-        tokens = sum(len(r.token_ids) for t in trajs for r in t.rows)
-        record = {"step": self.step, **episode_metrics(trajs), "groups/dropped_for_failure": float(len(failed_groups)),
-                  **train_metrics, "time/rollout_s": t_rollout, "time/train_s": t_train, "time/sync_s": t_sync,
-                  "throughput/tokens_per_s": tokens / (t_rollout + t_train)}
-        self.logger.log_samples(self.step, [episode_dump(trajs[i], self.tokenizer) for i in spread(len(trajs), cfg.log.samples_per_step)])
-        return record
+class EnvEpisodes:
+    """Episodes on envs from a pool (an env is reused once its episode ended cleanly)."""
 
-    def _update(self, trajs: list[Trajectory]) -> dict[str, float]:
-        per_turn = turn_advantages(trajs, self.cfg.agent, self.advantages, self.cfg.rollout.group_size)
+    def __init__(self, cfg: RunConfig, tokenizer):
+        self.cfg = cfg
+        timeout = cfg.env.step_timeout_s
+        self.agent = Agent(tokenizer, cfg.agent, sampling_params(cfg.rollout.sampling, n=1), timeout)
+        self.eval_agent = Agent(tokenizer, cfg.agent, sampling_params(cfg.rollout.sampling, n=1, temperature=cfg.eval.temperature,
+                                                                      max_new_tokens=cfg.eval.max_new_tokens), timeout)
+        self.eval_seed = step_seed(cfg.train.seed, -1)
+        self._free: list = []
+
+    async def run(self, spec: GroupSpec, index: int, ctx: EpisodeContext) -> Trajectory:
+        env = self._free.pop() if self._free else make_env(self.cfg.env.name, **self.cfg.env.kwargs)
+        agent, base = (self.eval_agent, self.eval_seed) if spec.eval else (self.agent, self.cfg.train.seed)
+        traj = Trajectory(spec.group_id, index, spec.prompt_id, info={"env": self.cfg.env.name})
+        clean = False
+        try:
+            traj = await agent.run_episode(env, traj, spec.payload, sample_seed(base, spec.group_id, index), ctx.generate)
+            clean = traj.end_reason != "env_timeout"  # a hung call may still be using the env
+        finally:
+            if clean:
+                self._free.append(env)
+        return traj
+
+    def close(self) -> None:
+        for env in self._free:
+            getattr(env, "close", lambda: None)()
+        self._free.clear()
+
+
+class AgenticPipeline(RLPipeline):
+    name = "agentic"
+    headline = "eval/success"
+    drop_failed_groups = True
+    samples_key, failed_key = "rollout/episodes", "episode/failed"
+    all_failed_message = "every episode failed for {steps} steps in a row (last error: {error}); see the log"
+
+    def source(self, cfg: RunConfig) -> EnvSeedSource:
+        return EnvSeedSource(cfg)
+
+    def episodes(self, cfg: RunConfig, tokenizer) -> EnvEpisodes:
+        return EnvEpisodes(cfg, tokenizer)
+
+    def trainer_options(self, cfg: RunConfig) -> dict:
+        """One chunk per turn under IPA; length normalisation (Dr.GRPO) spans the whole episode row."""
+        ipa = cfg.agent.credit == "ipa"
+        return {"max_new_tokens": None, "segment_ratio": ipa,
+                "segment_mismatch_bound": cfg.agent.ipa_mismatch_bound if ipa else None}
+
+    def update(self, learner, groups: list[list[Trajectory]]) -> dict[str, float]:
+        cfg = learner.cfg
+        trajs = [t for g in groups for t in g]
+        per_turn = turn_advantages(trajs, cfg.agent, learner.advantages, cfg.rollout.group_size)
         rows, advs = [], []
         for traj, adv in zip(trajs, per_turn):
             rows.extend(traj.rows)
             advs.extend(token_advantages(traj, adv))
-        batch = build_row_batch(rows, advs, self.tokenizer.pad_token_id)
-        metrics = self.trainer.step(batch)
-        self._check_consistency(metrics)
-        self._apply_kl_control(metrics, None, batch.mask, batch.size)
+        batch = build_batch(rows, advs, learner.pad_id)
+        metrics = learner.trainer.step(batch)
+        learner.after_update(metrics, None, batch)
         metrics["train/rows"] = float(batch.size)
         return metrics
 
-    def _check_health(self, record: dict) -> None:
-        """Stop when every episode fails for several steps: the env is broken, not unlucky."""
-        all_failed = record["episode/failed"] == record["rollout/episodes"]
-        self._all_failed_streak = self._all_failed_streak + 1 if all_failed else 0
-        if self._all_failed_streak >= self.cfg.reward.max_all_failed_steps:
-            raise RuntimeError(f"every episode failed for {self._all_failed_streak} steps in a row; see the log")
+    def rollout_metrics(self, groups: list[list[Trajectory]]) -> dict[str, float]:
+        trajs = [t for g in groups for t in g]
+        metrics = episode_metrics(trajs)
+        metrics["groups/dropped_for_failure"] = float(sum(any(t.failed for t in g) for g in groups))
+        return metrics
 
+    def sample_dump(self, traj: Trajectory, tokenizer) -> dict:
+        """A readable episode: each turn's reply, action, reward and observation, and each row's text with
+        the trained tokens wrapped in [[ ]] (everything outside them had loss mask 0)."""
+        return {
+            "seed": traj.prompt_id, "group": traj.group_id, "reward": traj.reward, "success": traj.success,
+            "end_reason": traj.end_reason, "error": traj.error, "initial_observation": traj.initial_observation,
+            "turns": [{"reply": t.reply, "action": t.action, "reward": t.reward, "invalid": t.invalid,
+                       "observation": t.observation} for t in traj.turns],
+            "trained_view": [_marked_text(row, tokenizer) for row in traj.rows],
+        }
 
-def evaluate_episodes(engine, tokenizer, cfg, envs=None, temperature: float | None = None) -> dict[str, float]:
-    """Held-out episodes (one per eval seed, never trained on) at the eval temperature (0 = greedy):
-    eval/success, eval/reward, eval/turns, eval/invalid_rate, eval/failed."""
-    envs = envs or [make_env(cfg.env.name, **cfg.env.kwargs) for _ in range(cfg.env.eval_episodes)]
-    temperature = cfg.eval.temperature if temperature is None else temperature
-    sampling = sampling_params(cfg.rollout.sampling, n=1, temperature=temperature, max_new_tokens=cfg.eval.max_new_tokens)
-    loop = AgentLoop(engine, tokenizer, cfg.agent, sampling, step_timeout_s=cfg.env.step_timeout_s)
-    seeds = [EVAL_SEED_BASE + i for i in range(len(envs))]
-    eval_seed = step_seed(cfg.train.seed, -1)
-    trajs = loop.play(envs, seeds, list(range(len(seeds))), [sample_seed(eval_seed, i, 0) for i in range(len(seeds))],
-                      env_name=cfg.env.name)
-    for t in [t for t in trajs if t.failed][:3]:
-        log.warning("held-out episode (seed %d) failed: %s", t.seed, t.error)
-    return {f"eval/{k.split('/')[-1]}": v for k, v in episode_metrics(trajs).items()
-            if k in ("episode/success", "episode/reward", "episode/turns", "episode/invalid_rate", "episode/failed")
-            or k.startswith("end/limit_")}
+    def eval_metrics(self, groups: list[list[Trajectory]]) -> dict[str, float]:
+        """eval/success, eval/reward, eval/turns, eval/invalid_rate, eval/failed (and which limits ended episodes)."""
+        trajs = [t for g in groups for t in g]
+        return {f"eval/{k.split('/')[-1]}": v for k, v in episode_metrics(trajs).items()
+                if k in ("episode/success", "episode/reward", "episode/turns", "episode/invalid_rate", "episode/failed")
+                or k.startswith("end/limit_")}
 
 
 def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
@@ -133,25 +151,13 @@ def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "episode/turns": turns / n,
         "episode/invalid_rate": sum(t.invalid_actions for t in trajs) / max(turns, 1),
         "episode/failed": float(sum(t.failed for t in trajs)),
-        "episode/reply_tokens": sum(sum(r.mask) for t in trajs for r in t.rows) / n,
+        "episode/reply_tokens": sum(t.sampled_tokens for t in trajs) / n,
     }
-    for reason in ("terminated", "max_turns", "context", "env_truncated", "env_error", "env_timeout"):
+    for reason in END_REASONS:
         metrics[f"end/{reason}"] = sum(t.end_reason == reason for t in trajs) / n
     for limit in sorted({t.info["limit"] for t in trajs if "limit" in t.info}):
         metrics[f"end/limit_{limit}"] = sum(t.info.get("limit") == limit for t in trajs) / n
     return metrics
-
-
-def episode_dump(traj: Trajectory, tokenizer) -> dict:
-    """A readable episode: each turn's reply, action, reward and observation, and each row's text with
-    the trained tokens wrapped in [[ ]] (everything outside them had loss mask 0)."""
-    return {
-        "seed": traj.seed, "group": traj.group_id, "reward": traj.reward, "success": traj.success,
-        "end_reason": traj.end_reason, "error": traj.error, "initial_observation": traj.initial_observation,
-        "turns": [{"reply": t.reply, "action": t.action, "reward": t.reward, "invalid": t.invalid,
-                   "observation": t.observation} for t in traj.turns],
-        "trained_view": [_marked_text(row, tokenizer) for row in traj.rows],
-    }
 
 
 def _marked_text(row, tokenizer) -> str:

@@ -14,6 +14,8 @@ from rollmill.rollout import SamplingParams
 from rollmill.rollout.sampling import request_seed
 from rollmill.tasks import Example
 
+EVAL_SEED_BASE = 1_000_000_000  # env seeds of training episodes stay below this: held-out episodes are never trained on
+
 
 def encode_prompt(tokenizer, example: Example, task: TaskConfig) -> list[int]:
     """The token ids the engine continues: the chat template (with generation prompt) or raw text."""
@@ -37,27 +39,27 @@ def sampling_params(cfg: SamplingConfig, n: int, temperature: float | None = Non
 
 
 class PromptCursor:
-    """Walks the training prompts in a seeded order, epoch after epoch; its state is two ints."""
+    """Walks the indices of `size` training prompts in a seeded order, epoch after epoch; its state is two ints."""
 
-    def __init__(self, examples: list[Example], seed: int, epoch: int = 0, position: int = 0):
-        if not examples:
+    def __init__(self, size: int, seed: int, epoch: int = 0, position: int = 0):
+        if size <= 0:
             raise ValueError("the training split is empty")
-        self.examples = examples
+        self.size = size
         self.seed = seed
         self.epoch = epoch
         self.position = position
         self._order = self._permutation()
 
     def _permutation(self) -> list[int]:
-        return torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
 
-    def take(self, count: int) -> list[Example]:
+    def take(self, count: int) -> list[int]:
         out = []
         while len(out) < count:
             if self.position >= len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation()
-            out.append(self.examples[self._order[self.position]])
+            out.append(self._order[self.position])
             self.position += 1
         return out
 

@@ -1,149 +1,171 @@
-"""RLVR: prompts -> G samples each -> verifiable rewards -> advantages -> policy update, repeated.
+"""RLVR: prompts -> G samples each -> verifiable rewards -> advantages -> policy update.
 
-This file composes the parts (tasks, engine, rewards, algos, trainer, checkpoints, logging); it
-holds no math of its own.
+Each piece runs in one role: `PromptSource` on the driver, `PromptEpisodes` on the rollout worker (one
+sample = one completion, scored by the reward workers as soon as it ends), `update` on the learner.
+This file composes tasks, rewards, algos and the trainer; it holds no math of its own.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from pathlib import Path
+from collections import OrderedDict
 
 import torch
 
+from rollmill.algos.filters import difficulty_mask
 from rollmill.config import RunConfig
-from rollmill.pipelines.base import BasePipeline, TrainResult
-from rollmill.pipelines.common import PromptCursor, spread, step_seed
-from rollmill.pipelines.evaluate import evaluate
-from rollmill.pipelines.groups import Groups, collect_groups
-from rollmill.tasks import load_task
+from rollmill.pipelines.base import EpisodeContext, RLPipeline
+from rollmill.pipelines.common import PromptCursor, encode_prompt, sample_seed, sampling_params, step_seed
+from rollmill.pipelines.evaluate import pass_at_k
+from rollmill.rollout.engine import Request
+from rollmill.tasks import Example, load_task
 from rollmill.train import build_batch
 from rollmill.train.anchor_credit import anchor_scaled_advantages
-
-log = logging.getLogger(__name__)
-
-
-def _rollout_metrics(groups: Groups) -> dict[str, float]:
-    """What the policy did this step, over every sampled group (filtered ones included)."""
-    scores, comps = groups.scores, groups.completions
-    lengths = [len(c.token_ids) for c in comps]
-    return {
-        "rollout/samples": len(comps),
-        "reward/mean": float(scores.mean()),
-        "reward/std": float(scores.std()) if scores.numel() > 1 else 0.0,
-        "reward/failed": float(sum(groups.failed)),
-        "accuracy/train": sum(groups.correct) / len(comps),
-        "groups/zero_std_fraction": float((scores.std(dim=1) == 0).float().mean()) if scores.shape[1] > 1 else 1.0,
-        "response_length/mean": sum(lengths) / len(lengths),
-        "response_length/clipped_fraction": sum(c.finish_reason == "length" for c in comps) / len(comps),
-    }
+from rollmill.types import GroupSpec, Row, Trajectory, Turn
 
 
-def _sample_dump(groups: Groups, count: int) -> list[dict]:
-    """Readable samples spread over the groups: prompt, answer, completion, reward."""
-    g = groups.group_size
-    return [
-        {"prompt": groups.examples[i // g].prompt, "answer": groups.examples[i // g].answer,
-         "completion": groups.completions[i].text, "reward": groups.rewards[i], "correct": groups.correct[i],
-         "finish_reason": groups.completions[i].finish_reason}
-        for i in spread(len(groups.completions), count)
-    ]
+class PromptSource:
+    """Training prompts in a seeded order (epoch after epoch) and the held-out split; numbers groups."""
 
-
-class RLVRPipeline(BasePipeline):
-    """Prompts from a task, G samples each, verifiable rewards."""
-
-    def _load_data(self) -> None:
-        cfg = self.cfg
-        self.train_examples, self.eval_examples = load_task(cfg.task)
-        self.cursor = PromptCursor(self.train_examples, seed=cfg.task.seed + cfg.train.seed)
+    def __init__(self, cfg: RunConfig):
+        self.train, self.eval = load_task(cfg.task)
+        self.cursor = PromptCursor(len(self.train), seed=cfg.task.seed + cfg.train.seed)
         self.groups_started = 0
-        self._all_failed_streak = 0
-        self._last_reward_error = ""
 
-    def _data_state(self) -> dict:
+    def next_groups(self, count: int, samples: int) -> list[GroupSpec]:
+        specs = [GroupSpec(self.groups_started + k, i, self.train[i], tuple(range(samples)))
+                 for k, i in enumerate(self.cursor.take(count))]
+        self.groups_started += count
+        return specs
+
+    def eval_groups(self, samples: int) -> list[GroupSpec]:
+        return [GroupSpec(i, i, ex, tuple(range(samples)), eval=True) for i, ex in enumerate(self.eval)]
+
+    def state(self) -> dict:
         return {"cursor": self.cursor.state(), "groups_started": self.groups_started}
 
-    def _restore_data(self, state: dict) -> None:
-        self.cursor = PromptCursor(self.train_examples, self.cursor.seed, **state["cursor"])
+    def load_state(self, state: dict) -> None:
+        self.cursor = PromptCursor(self.cursor.size, self.cursor.seed, **state["cursor"])
         self.groups_started = state["groups_started"]
 
-    def _held_out(self) -> dict:
-        """Eval metrics on the held-out split; the same sampling seed every time, so evals compare."""
-        return evaluate(self.engine, self.tokenizer, self.eval_examples, self.cfg, seed=step_seed(self.cfg.train.seed, -1))
 
-    def rollout_and_train(self) -> dict:
-        """One RL step: sample and score groups, filter, compute advantages, update, sync weights."""
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        sampled, kept, rounds = collect_groups(self.engine, self.tokenizer, self.cursor, cfg, self.groups_started)
-        self.groups_started += len(sampled.examples)
-        t_rollout = time.perf_counter() - t0
-        train_metrics: dict[str, float] = {}
-        if kept.examples:
-            train_metrics = self._update(kept)
-        else:
-            log.warning("step %d: no informative group after %d refills; no update this step", self.step + 1, rounds)
-        t_train = time.perf_counter() - t0 - t_rollout
-        self.step += 1
-        t_sync = self._sync_weights()
-        for line in sampled.errors[:3]:
-            log.warning("step %d: reward failed: %s", self.step, line)
-        if sampled.errors:
-            self._last_reward_error = sampled.errors[0]
-        record = {"step": self.step, **_rollout_metrics(sampled), **train_metrics}
-        if cfg.filters.dynamic_sampling:
-            record.update({"filter/kept_groups": len(kept.examples), "filter/sampled_groups": len(sampled.examples),
-                           "filter/refill_rounds": rounds})
-        tokens = sum(len(c.token_ids) for c in sampled.completions)
-        record.update({"time/rollout_s": t_rollout, "time/train_s": t_train, "time/sync_s": t_sync,
-                       "throughput/tokens_per_s": tokens / (t_rollout + t_train),
-                       "throughput/rollout_tokens_per_s": tokens / t_rollout})
-        self.logger.log_samples(self.step, _sample_dump(sampled, cfg.log.samples_per_step))
-        return record
+class PromptEpisodes:
+    """One sample: the chat-formatted prompt, one completion, its score."""
 
-    def _update(self, kept: Groups) -> dict[str, float]:
+    def __init__(self, cfg: RunConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.sampling = sampling_params(cfg.rollout.sampling, n=1)
+        self.eval_sampling = sampling_params(cfg.rollout.sampling, n=1, temperature=cfg.eval.temperature,
+                                             max_new_tokens=cfg.eval.max_new_tokens)
+        self.eval_seed = step_seed(cfg.train.seed, -1)  # the same draws at every eval, so evals compare
+        self._prompts: OrderedDict[str, tuple[int, ...]] = OrderedDict()  # the G samples of a group share one
+
+    def _encode(self, example: Example) -> tuple[int, ...]:
+        if example.id not in self._prompts:
+            self._prompts[example.id] = tuple(encode_prompt(self.tokenizer, example, self.cfg.task))
+            if len(self._prompts) > 4096:
+                self._prompts.popitem(last=False)
+        return self._prompts[example.id]
+
+    async def run(self, spec: GroupSpec, index: int, ctx: EpisodeContext) -> Trajectory:
+        example: Example = spec.payload
+        base, sampling = (self.eval_seed, self.eval_sampling) if spec.eval else (self.cfg.train.seed, self.sampling)
+        prompt = self._encode(example)
+        completion = await ctx.generate(Request(prompt, sampling, sample_seed(base, spec.group_id, index)))
+        score = await ctx.score(completion.text, example)
+        row = Row(list(prompt))
+        row.append_sampled(completion.token_ids, completion.logprobs, completion.versions, turn=0)
+        turn = Turn(completion.text, completion.text, "", score.total, None, None, False, 0, completion.finish_reason)
+        return Trajectory(spec.group_id, index, spec.prompt_id, [row], [turn], initial_observation=example.prompt,
+                          success=score.correct, failed=score.failed, error=score.error,
+                          end_reason=completion.finish_reason, info={"answer": example.answer})
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class RLVRPipeline(RLPipeline):
+    """Prompts from a task, G samples each, verifiable rewards."""
+
+    name = "rlvr"
+
+    def source(self, cfg: RunConfig) -> PromptSource:
+        return PromptSource(cfg)
+
+    def episodes(self, cfg: RunConfig, tokenizer) -> PromptEpisodes:
+        return PromptEpisodes(cfg, tokenizer)
+
+    def update(self, learner, groups: list[list[Trajectory]]) -> dict[str, float]:
         """Advantages (scalar estimator, or GAE over the critic's values), KL shaping, the update."""
-        algo = self.cfg.algorithm
-        scores = kept.scores
-        batch = build_batch(kept.completions, torch.zeros(len(kept.completions)), self.tokenizer.pad_token_id)
-        batch.mask *= kept.loss_weights(self.cfg)[:, None]
+        cfg, algo = learner.cfg, learner.cfg.algorithm
+        trajs = [t for g in groups for t in g]
+        scores = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)
+        batch = build_batch([t.rows[0] for t in trajs], torch.zeros(len(trajs)), learner.pad_id)
+        batch.mask *= loss_weights(trajs, scores, cfg)[:, None]
         ref_logp = token_kl = None
         if algo.kl_placement == "reward" and algo.kl_coef > 0:
-            ref_logp = self.trainer.reference_logprobs(batch)
-            token_kl = self.kl.token_kl(batch, ref_logp)
-        if self.critic is None:
+            ref_logp = learner.trainer.reference_logprobs(batch)
+            token_kl = learner.kl.token_kl(batch, ref_logp)
+        if learner.critic is None:
             if token_kl is not None:
-                scores = self.kl.penalized_scores(scores, token_kl)
-            batch.advantages = self.advantages(scores, batch.mask)
+                scores = learner.kl.penalized_scores(scores, token_kl)
+            batch.advantages = learner.advantages(scores, batch.mask)
             if algo.credit != "none":
-                batch.advantages = anchor_scaled_advantages(self.model, batch, algo, self.cfg.train.micro_batch_size)
-            metrics = self.trainer.step(batch, ref_logp=ref_logp)
+                batch.advantages = anchor_scaled_advantages(learner.model, batch, algo, cfg.train.micro_batch_size)
+            metrics = learner.trainer.step(batch, ref_logp=ref_logp)
         else:
-            beta = self.kl.beta if token_kl is not None else 0.0
-            batch.advantages, returns, old_values = self.critic.advantages(batch, scores.flatten(), token_kl, beta)
-            metrics = {**self.trainer.step(batch, ref_logp=ref_logp), **self.critic.step(batch, old_values, returns)}
-        self._check_consistency(metrics)
-        self._apply_kl_control(metrics, token_kl, batch.mask, batch.size)
+            beta = learner.kl.beta if token_kl is not None else 0.0
+            batch.advantages, returns, old_values = learner.critic.advantages(batch, scores.flatten(), token_kl, beta)
+            metrics = {**learner.trainer.step(batch, ref_logp=ref_logp),
+                       **learner.critic.step(batch, old_values, returns)}
+        learner.after_update(metrics, token_kl, batch)
         return metrics
 
-    def _check_health(self, record: dict) -> None:
-        """Stop when the reward fails on every sample for several steps: that is a bug, not bad luck."""
-        all_failed = record["reward/failed"] == record["rollout/samples"]
-        self._all_failed_streak = self._all_failed_streak + 1 if all_failed else 0
-        if self._all_failed_streak >= self.cfg.reward.max_all_failed_steps:
-            raise RuntimeError(
-                f"the reward failed on every sample for {self._all_failed_streak} steps in a row "
-                f"(last error: {self._last_reward_error}); see the log and fix reward.functions"
-            )
+    def rollout_metrics(self, groups: list[list[Trajectory]]) -> dict[str, float]:
+        """What the policy did this step, over every sampled group (filtered ones included)."""
+        trajs = [t for g in groups for t in g]
+        scores = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)
+        lengths = [len(t.rows[0].token_ids) for t in trajs]
+        return {
+            "rollout/samples": len(trajs),
+            "reward/mean": float(scores.mean()),
+            "reward/std": float(scores.std()) if scores.numel() > 1 else 0.0,
+            "reward/failed": float(sum(t.failed for t in trajs)),
+            "accuracy/train": sum(t.success for t in trajs) / len(trajs),
+            "groups/zero_std_fraction": float((scores.std(dim=1) == 0).float().mean()) if scores.shape[1] > 1 else 1.0,
+            "response_length/mean": sum(lengths) / len(lengths),
+            "response_length/clipped_fraction": sum(t.end_reason == "length" for t in trajs) / len(trajs),
+        }
+
+    def sample_dump(self, traj: Trajectory, tokenizer) -> dict:
+        """Prompt, answer, completion, reward."""
+        return {"prompt": traj.initial_observation, "answer": traj.info["answer"], "completion": traj.turns[0].reply,
+                "reward": traj.reward, "correct": traj.success, "finish_reason": traj.end_reason}
+
+    def eval_metrics(self, groups: list[list[Trajectory]]) -> dict[str, float]:
+        """eval/accuracy (= pass@1, mean correctness over all samples), eval/pass@k for k = 2, 4, ... up
+        to n, eval/reward (mean total reward), eval/failed (reward errors)."""
+        trajs = [t for g in groups for t in g]
+        n = len(groups[0])
+        metrics = {
+            "eval/accuracy": sum(t.success for t in trajs) / len(trajs),
+            "eval/reward": sum(t.reward for t in trajs) / len(trajs),
+            "eval/failed": float(sum(t.failed for t in trajs)),
+        }
+        k = 2
+        while k <= n:
+            metrics[f"eval/pass@{k}"] = sum(pass_at_k(n, sum(t.success for t in g), k) for g in groups) / len(groups)
+            k *= 2
+        return metrics
 
 
-def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
-    """Train per `cfg` into `run_dir` (continuing from its latest checkpoint with `resume`); the
-    config's `pipeline` picks RLVR or the agentic pipeline."""
-    if cfg.pipeline == "agentic":
-        from rollmill.pipelines.agentic import AgenticPipeline
-
-        return AgenticPipeline(cfg, run_dir, resume=resume).run()
-    return RLVRPipeline(cfg, run_dir, resume=resume).run()
+def loss_weights(trajs: list[Trajectory], scores: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """Per-sample 0/1 weights [N]: the difficulty mask and the overlong filter (docs/algorithms.md §2.13-2.14)."""
+    weights = torch.ones(len(trajs))
+    f = cfg.filters
+    if f.difficulty_low is not None or f.difficulty_high is not None:
+        low = f.difficulty_low if f.difficulty_low is not None else float("-inf")
+        high = f.difficulty_high if f.difficulty_high is not None else float("inf")
+        weights *= difficulty_mask(scores, low, high).flatten()
+    if f.overlong_filter:
+        weights *= torch.tensor([t.end_reason != "length" for t in trajs], dtype=torch.float32)
+    return weights

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rollmill.rollout.engine import Completion
+from rollmill.types import Row, Trajectory, Turn
 
 
 @dataclass
@@ -24,24 +25,23 @@ class ProxyCall:
     choices: list[Completion]
 
 
-def calls_to_chunks(calls: list[ProxyCall]) -> list[dict]:
-    """One trainable chunk per sampled choice, in call order (chunk-level credit, IPA).
+def calls_to_trajectory(calls: list[ProxyCall], reward: float, *, prompt_id: int = 0, group_id: int = 0, index: int = 0,
+                        success: bool = False, env_name: str = "harness") -> Trajectory:
+    """One trajectory from an agent's calls: one row (one chunk, for IPA) and one turn per call.
 
-    An agent that talks to the proxy re-sends its whole history each call, so a call's prompt
-    is not the previous call's tokens extended: each call stands alone as a chunk with its own
-    prompt. A call with `n` > 1 gives `n` chunks that share a prompt.
+    An agent that talks to the proxy re-sends its whole history each call, so a call's prompt is not
+    the previous call's tokens extended: each row stands alone with its own prompt. Each call's
+    first choice is what trains; the outcome reward sits on the last turn.
     """
-    return [
-        {
-            "session": call.session,
-            "call": call.index,
-            "choice": j,
-            "prompt_ids": list(call.prompt_ids),
-            "token_ids": list(choice.token_ids),
-            "logprobs": list(choice.logprobs),
-            "finish_reason": choice.finish_reason,
-            "policy_version": choice.policy_version,
-        }
-        for call in calls
-        for j, choice in enumerate(call.choices)
-    ]
+    traj = Trajectory(group_id, index, prompt_id, success=success, end_reason="terminated", info={"env": env_name})
+    for k, call in enumerate(calls):
+        sampled = call.choices[0]
+        row = Row(prompt_ids=list(call.prompt_ids))
+        row.append_sampled(list(sampled.token_ids), list(sampled.logprobs),
+                           [sampled.policy_version] * len(sampled.token_ids), turn=k)
+        traj.rows.append(row)
+        traj.turns.append(Turn(reply=sampled.text, action=sampled.text, observation="",
+                               reward=reward if k == len(calls) - 1 else 0.0, state=None, progress=None,
+                               invalid=False, row=k, finish_reason=sampled.finish_reason))
+    traj.initial_observation = calls[0].messages[-1]["content"] if calls else ""
+    return traj

@@ -62,4 +62,20 @@ def compute_rewards(completions: list[str], examples: list[Example], cfg: Reward
     return RewardResult(total=total, correct=correct, failed=failed, per_fn=per_fn, errors=errors)
 
 
-__all__ = ["REWARDS", "RewardResult", "compute_rewards"]
+@dataclass
+class Score:
+    """One sample's reward: the weighted total, whether it counts as correct, and any failure."""
+
+    total: float
+    correct: bool
+    failed: bool
+    error: str | None
+
+
+def score_completion(completion: str, example: Example, cfg: RewardConfig) -> Score:
+    """`compute_rewards` for one sample: what a reward worker does for each sample as it finishes."""
+    result = compute_rewards([completion], [example], cfg)
+    return Score(result.total[0], result.correct[0], result.failed[0], "; ".join(result.errors) or None)
+
+
+__all__ = ["REWARDS", "RewardResult", "Score", "compute_rewards", "score_completion"]

@@ -63,6 +63,7 @@ class Completion:
     policy_version: int
     info: dict = field(default_factory=dict)
     request_id: Hashable = None
+    versions: list[int] = field(default_factory=list)  # per token, filled by `EngineDriver` (may span updates)
 
 
 class Engine(Protocol):

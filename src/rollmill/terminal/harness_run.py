@@ -11,33 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rollmill.agent.trajectory import Row, Trajectory, Turn
-from rollmill.proxy import ProxyCall
+from rollmill.proxy import calls_to_trajectory
 from rollmill.sandbox import Mount, SandboxBackend
 from rollmill.sandbox.spec import ExecResult
 from rollmill.terminal.task import TerminalTask, VerifierResult, start_task, verify
+from rollmill.types import Trajectory
 
 SOCKET_IN_SANDBOX = "/run/rollmill/model.sock"
 MINI_AGENT = Path(__file__).resolve().parent / "harness" / "mini_agent.py"
-
-
-def trajectory_from_calls(calls: list[ProxyCall], reward: float, *, seed: int = 0, group_id: int = 0,
-                          success: bool = False, env_name: str = "harness") -> Trajectory:
-    """One Row per call (prompt = the call's prompt ids, sampled tokens with their logprobs, all
-    trained) and one Turn per call; the outcome reward sits on the last turn."""
-    rows, turns = [], []
-    for k, call in enumerate(calls):
-        sampled = call.choices[0]
-        row = Row(prompt_ids=list(call.prompt_ids))
-        row.append(list(sampled.token_ids), list(sampled.logprobs), turn=k)
-        rows.append(row)
-        turns.append(Turn(reply=sampled.text, action=sampled.text, observation="",
-                          reward=reward if k == len(calls) - 1 else 0.0, state=None, progress=None,
-                          invalid=False, row=k, finish_reason=sampled.finish_reason))
-    first = calls[0].messages[-1]["content"] if calls else ""
-    return Trajectory(env_name, seed, group_id, rows, initial_observation=first, turns=turns,
-                      policy_version=min((c.choices[0].policy_version for c in calls), default=0),
-                      success=success, terminated=True, end_reason="terminated")
 
 
 @dataclass
@@ -63,6 +44,6 @@ def run_harness_episode(backend: SandboxBackend, proxy, socket_path: str, task: 
     finally:
         backend.destroy(sid)
     calls = proxy.pop_calls(session)
-    traj = trajectory_from_calls(calls, verdict.reward, seed=seed, group_id=group_id,
-                                 success=verdict.reward >= 1.0, env_name=f"harness:{task.name}")
+    traj = calls_to_trajectory(calls, verdict.reward, prompt_id=seed, group_id=group_id,
+                               success=verdict.reward >= 1.0, env_name=f"harness:{task.name}")
     return HarnessEpisode(traj, run, verdict)

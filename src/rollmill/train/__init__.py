@@ -2,7 +2,8 @@
 
 from rollmill.train.batch import TrainBatch, build_batch
 from rollmill.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from rollmill.train.logprobs import completion_logprobs, engine_logprob_gap
+from rollmill.train.consistency import engine_logprob_gap
+from rollmill.train.logprobs import completion_logprobs
 from rollmill.train.trainer import PolicyTrainer
 
 __all__ = [

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rollmill.agent import Trajectory
+from rollmill.types import Trajectory
 from rollmill.algos.agentic import (
     balance_turning_points,
     gigpo_advantages,

@@ -1,4 +1,4 @@
-"""Turning sampled completions into the padded tensors the trainer consumes (one tested function)."""
+"""Turning sampled rows into the padded tensors the trainer consumes (one tested function)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rollmill.rollout.engine import Completion
+from rollmill.types import ENV_TOKEN, Row
 
 
 @dataclass
@@ -25,6 +25,7 @@ class TrainBatch:
     advantages: torch.Tensor  # [B] per sequence, or [B, C] per token (critic-based estimators, agent credit)
     prompt_width: int
     segments: torch.Tensor | None = None  # [B, C] chunk id of each token (agent turns), -1 off the mask
+    versions: torch.Tensor | None = None  # [B, C] policy version that sampled each token, -1 off the mask
 
     @property
     def size(self) -> int:
@@ -50,60 +51,57 @@ class TrainBatch:
             self.input_ids[index], self.attention_mask[index], self.position_ids[index], self.mask[index],
             self.behaviour_logprobs[index], self.advantages[index], self.prompt_width,
             None if self.segments is None else self.segments[index],
+            None if self.versions is None else self.versions[index],
         )
 
 
-def build_batch(completions: list[Completion], advantages: torch.Tensor, pad_id: int) -> TrainBatch:
-    """Pack completions (each with its prompt) and per-sequence advantages into a TrainBatch.
+def build_batch(rows: list[Row], advantages: torch.Tensor | list[list[float]], pad_id: int) -> TrainBatch:
+    """Pack rows (prompt, then tokens with their loss mask) into a TrainBatch: the one way sampled
+    data becomes training tensors.
 
-    An empty completion gets one padding column with mask 0, so it contributes nothing.
+    `advantages` is one value per row (a tensor [N]: RLVR's sequence advantages) or one list per row
+    with a value per row token (agent credit; values off the mask are ignored). `segments` numbers
+    each row's turns, so chunk-level losses see one chunk per agent turn. An empty row gets one
+    padding column with mask 0, so it contributes nothing.
     """
-    if len(completions) != advantages.numel():
-        raise ValueError(f"{len(completions)} completions but {advantages.numel()} advantages")
-    return _pack([c.prompt_ids for c in completions], [c.token_ids for c in completions],
-                 [[1] * len(c.token_ids) for c in completions], [c.logprobs for c in completions],
-                 advantages.to(torch.float32).flatten(), pad_id)
-
-
-def build_row_batch(rows: list, token_advantages: list[list[float]], pad_id: int) -> TrainBatch:
-    """Pack agent rows (`rollmill.agent.Row`: env text masked out) with one advantage per row token.
-
-    `segments` numbers each row's turns, so chunk-level losses see one chunk per agent turn.
-    """
-    if len(rows) != len(token_advantages):
-        raise ValueError(f"{len(rows)} rows but {len(token_advantages)} advantage lists")
-    batch = _pack([r.prompt_ids for r in rows], [r.token_ids for r in rows], [r.mask for r in rows],
-                  [r.logprobs for r in rows], torch.zeros(len(rows)), pad_id)
-    adv = torch.zeros_like(batch.mask)
+    if len(rows) != len(advantages):
+        raise ValueError(f"{len(rows)} rows but {len(advantages)} advantages")
+    per_row = isinstance(advantages, torch.Tensor)
+    batch = _pack(rows, advantages.to(torch.float32).flatten() if per_row else torch.zeros(len(rows)), pad_id)
     segments = torch.full(batch.mask.shape, -1, dtype=torch.long)
-    for i, (row, values) in enumerate(zip(rows, token_advantages)):
+    adv = None if per_row else torch.zeros_like(batch.mask)
+    for i, row in enumerate(rows):
         n = len(row.token_ids)
-        if len(values) != n:
-            raise ValueError(f"row {i} has {n} tokens but {len(values)} advantages")
         if n:
-            adv[i, :n] = torch.tensor(values, dtype=torch.float32)
             segments[i, :n] = torch.tensor(row.turn_of_token, dtype=torch.long)
-    batch.advantages = adv * batch.mask
+        if adv is not None:
+            if len(advantages[i]) != n:
+                raise ValueError(f"row {i} has {n} tokens but {len(advantages[i])} advantages")
+            if n:
+                adv[i, :n] = torch.tensor(advantages[i], dtype=torch.float32)
+    if adv is not None:
+        batch.advantages = adv * batch.mask
     batch.segments = torch.where(batch.mask > 0, segments, -1)
     return batch
 
 
-def _pack(prompts: list[list[int]], tokens: list[list[int]], masks: list[list[int]], logprobs: list[list[float]],
-          advantages: torch.Tensor, pad_id: int) -> TrainBatch:
-    p_width = max(len(p) for p in prompts)
-    c_width = max(1, max(len(t) for t in tokens))
-    b = len(prompts)
+def _pack(rows: list[Row], advantages: torch.Tensor, pad_id: int) -> TrainBatch:
+    p_width = max(len(r.prompt_ids) for r in rows)
+    c_width = max(1, max(len(r.token_ids) for r in rows))
+    b = len(rows)
     ids = torch.full((b, p_width + c_width), pad_id, dtype=torch.long)
     attn = torch.zeros((b, p_width + c_width), dtype=torch.long)
     mask = torch.zeros((b, c_width), dtype=torch.float32)
     beh = torch.zeros((b, c_width), dtype=torch.float32)
-    for i, (prompt, toks, m, lp) in enumerate(zip(prompts, tokens, masks, logprobs)):
-        p, n = len(prompt), len(toks)
-        ids[i, p_width - p : p_width] = torch.tensor(prompt, dtype=torch.long)
+    versions = torch.full((b, c_width), ENV_TOKEN, dtype=torch.long)
+    for i, row in enumerate(rows):
+        p, n = len(row.prompt_ids), len(row.token_ids)
+        ids[i, p_width - p : p_width] = torch.tensor(row.prompt_ids, dtype=torch.long)
         attn[i, p_width - p : p_width + n] = 1
         if n:
-            ids[i, p_width : p_width + n] = torch.tensor(toks, dtype=torch.long)
-            mask[i, :n] = torch.tensor(m, dtype=torch.float32)
-            beh[i, :n] = torch.tensor(lp, dtype=torch.float32)
+            ids[i, p_width : p_width + n] = torch.tensor(row.token_ids, dtype=torch.long)
+            mask[i, :n] = torch.tensor(row.mask, dtype=torch.float32)
+            beh[i, :n] = torch.tensor(row.logprobs, dtype=torch.float32)
+            versions[i, :n] = torch.tensor(row.versions, dtype=torch.long)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
-    return TrainBatch(ids, attn, positions, mask, beh, advantages, p_width)
+    return TrainBatch(ids, attn, positions, mask, beh, advantages, p_width, versions=versions)

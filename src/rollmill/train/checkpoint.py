@@ -28,8 +28,10 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, trainer, loop_state: dict, keep: int, critic=None) -> Path:
-    """Write checkpoint `step` under `ckpt_root` and prune all but the newest `keep` (with the critic, if any)."""
+def save_checkpoint(ckpt_root: Path, step: int, model, trainer, loop_state: dict, keep: int, critic=None,
+                    files: dict[str, bytes] | None = None) -> Path:
+    """Write checkpoint `step` under `ckpt_root` and prune all but the newest `keep` (with the critic, if
+    any, and `files`: other roles' state, written before the checkpoint becomes visible)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{PREFIX}{step:06d}"
     tmp = ckpt_root / f".tmp-{PREFIX}{step:06d}"
@@ -41,6 +43,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model, trainer, loop_state: dict
         save_model(critic.model, str(tmp / "critic.safetensors"))
         blob["critic_optimizer"] = critic.optimizer.state_dict()
     torch.save(blob, tmp / "trainer.pt")
+    for name, data in (files or {}).items():
+        (tmp / name).write_bytes(data)
     (tmp / "state.json").write_text(json.dumps({"step": step, **loop_state}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

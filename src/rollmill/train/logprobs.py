@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from rollmill.rollout.consistency import logprob_gap
-from rollmill.rollout.engine import Completion
-from rollmill.train.batch import TrainBatch, build_batch
+from rollmill.train.batch import TrainBatch
 
 # Attention over a packed sequence costs its length squared (the block mask hides, not skips, the
 # other completions), so long completions (agent episodes) are packed only a few to a sequence.
@@ -118,17 +116,3 @@ def completion_logprobs(
         with torch.no_grad():
             entropy[rows, cols] = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
-
-
-def engine_logprob_gap(
-    model: PreTrainedModel, completions: list[Completion], pad_token_id: int, temperature: float = 1.0
-) -> dict:
-    """How far an engine's sampled-token log-probs are from this model's, for the same completions.
-
-    Returns {"mean", "max", "tokens"}: the per-token mean and max absolute difference, and the count.
-    """
-    batch = build_batch(completions, torch.zeros(len(completions)), pad_token_id)
-    with torch.no_grad():
-        logp, _ = completion_logprobs(model, batch, temperature=temperature)
-    mean, peak = logprob_gap(logp, batch.behaviour_logprobs, batch.mask)
-    return {"mean": mean, "max": peak, "tokens": float(batch.mask.sum())}

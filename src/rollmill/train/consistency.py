@@ -14,6 +14,10 @@ import logging
 
 import torch
 
+from rollmill.train.batch import build_batch
+from rollmill.train.logprobs import completion_logprobs
+from rollmill.types import Row
+
 log = logging.getLogger(__name__)
 
 
@@ -48,3 +52,17 @@ def check_logprob_gap(mean: float, engine: str, tolerance: float, action: str, t
         raise LogprobMismatchError(message)
     log.warning(message)
     return True
+
+
+def engine_logprob_gap(model, completions, pad_token_id: int, temperature: float = 1.0) -> dict:
+    """How far an engine's sampled-token log-probs are from this model's, for the same completions
+    (anything with `prompt_ids`, `token_ids` and `logprobs`).
+
+    Returns {"mean", "max", "tokens"}: the per-token mean and max absolute difference, and the count.
+    """
+    rows = [Row.sampled(c.prompt_ids, c.token_ids, c.logprobs) for c in completions]
+    batch = build_batch(rows, torch.zeros(len(rows)), pad_token_id)
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, batch, temperature=temperature)
+    mean, peak = logprob_gap(logp, batch.behaviour_logprobs, batch.mask)
+    return {"mean": mean, "max": peak, "tokens": float(batch.mask.sum())}

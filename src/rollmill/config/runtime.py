@@ -1,0 +1,66 @@
+"""The `async` and `runtime` sections: how far rollout may run ahead of training, and where roles run."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rollmill.config.base import Strict
+
+
+class AsyncConfig(Strict):
+    """Asynchronous training, ROLL Flash style (docs/architecture.md, "Sync and async").
+
+    `max_staleness` k bounds what trains: a group is trained only if its oldest sampled token is at
+    most k policy versions behind the weights being updated. 0 is the synchronous algorithm.
+    """
+
+    max_staleness: int = Field(0, ge=0, description="k: versions a trained token may lag (0 = synchronous)")
+    env_async: bool | None = Field(
+        None, description="each episode advances on its own and the engine batches whatever turns are ready; "
+                          "False = lockstep turns; None = on when max_staleness > 0")
+    partial_rollout: Literal["continue", "finish"] = Field(
+        "continue", description="a generation in flight when new weights arrive is aborted and continued under "
+                                "them (continue) or finished under the old ones first (finish)")
+    redundant_episodes: int = Field(0, ge=0, description="launch G + r samples per group and keep the first G to finish")
+    extra_groups: int = Field(0, ge=0, description="groups launched beyond those a step needs (a slow group is then "
+                                                   "trained a step later instead of holding this one up)")
+    prompt_replication: bool = Field(False, description="spread a group's samples over all rollout workers")
+    off_policy_correction: Literal["auto", "none", "tis", "decoupled_ppo"] = Field(
+        "auto", description="auto: truncated IS against the behaviour log-probs when max_staleness > 0, none when 0")
+    tis_cap: float = Field(2.0, gt=0.0, description="the truncated-IS cap the correction uses when algorithm.tis_cap is unset")
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether episodes take their turns together (the synchronous agent loop)."""
+        return not self.env_async if self.env_async is not None else self.max_staleness == 0
+
+
+class RoleResources(Strict):
+    """What one Ray actor of a role asks for (ignored by the local backend)."""
+
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+
+
+class RuntimeConfig(Strict):
+    """Where the roles run: one process (`local`) or Ray actors (`ray`), and how many of each."""
+
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str | None = Field(None, description="join this Ray cluster; None starts a local head")
+    rollout_workers: int = Field(1, gt=0, description="engines, each with its own copy of the weights")
+    reward_workers: int = Field(2, gt=0, description="concurrent reward scorers (threads locally, actors on Ray)")
+    learner: RoleResources = RoleResources()
+    rollout: RoleResources = RoleResources()
+    reward: RoleResources = RoleResources(num_cpus=0.0)
+    poll_s: float = Field(0.05, gt=0.0, description="how often the driver collects finished samples")
+
+    @model_validator(mode="after")
+    def _ray_needs_ray(self) -> RuntimeConfig:
+        if self.backend == "ray":
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                raise ValueError("runtime.backend 'ray' needs Ray: pip install 'rollmill[ray]' (make test installs it)")
+        return self

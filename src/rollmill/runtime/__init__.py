@@ -1,0 +1,56 @@
+"""The runtime: rollout workers, reward workers, the sample queue and the learner, run in one process
+or as Ray actors, stepped by one run loop (docs/architecture.md).
+
+`train(cfg, run_dir)` is the entry point: it builds the roles on the configured backend, the job for
+the configured pipeline, and runs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rollmill.config import RunConfig
+from rollmill.runtime.loop import TrainResult, run_job
+from rollmill.runtime.rl import RLJob
+
+
+def roles_for(cfg: RunConfig):
+    """The backend's role builder: `local` (this process) or `ray` (actors)."""
+    if cfg.runtime.backend == "ray":
+        from rollmill.runtime.ray import RayRoles
+
+        return RayRoles
+    from rollmill.runtime.local import LocalRoles
+
+    return LocalRoles
+
+
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
+    """Train per `cfg` into `run_dir` (continuing from its latest checkpoint with `resume`)."""
+    return run_job(RLJob(cfg, run_dir, roles_for(cfg)), cfg, run_dir, resume)
+
+
+def evaluate(cfg: RunConfig, checkpoint: Path | None = None) -> tuple[dict, int]:
+    """Held-out metrics of `checkpoint`'s weights (the initial ones when None) on one rollout worker;
+    returns them with the number of held-out prompts or episodes."""
+    from rollmill.models import load_model
+    from rollmill.pipelines import PIPELINES
+    from rollmill.runtime.worker import RolloutWorker
+    from rollmill.train.checkpoint import load_weights
+
+    pipeline = PIPELINES[cfg.pipeline]
+    specs = pipeline.source(cfg).eval_groups(cfg.eval.n)
+    worker = RolloutWorker(cfg)
+    try:
+        if checkpoint is not None:
+            model = load_model(cfg.model)[0]
+            load_weights(checkpoint, model)  # through the model: checkpoints store tied weights once
+            worker.update_weights(model.state_dict(), 0).result()
+        trajs = worker.evaluate(specs, 0)
+    finally:
+        worker.close()
+    groups = [[t for t in trajs if t.group_id == s.group_id] for s in specs]
+    return pipeline.eval_metrics(groups), len(specs)
+
+
+__all__ = ["TrainResult", "evaluate", "train"]

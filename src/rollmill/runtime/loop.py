@@ -1,0 +1,129 @@
+"""The one run loop every pipeline shares: steps, held-out evals, checkpoints, exact resume, Ctrl-C,
+the progress bar, metrics, sample dumps and plots.
+
+What a step does belongs to a `Job` (the RL runtime's `RLJob`, or any other training stage): this
+loop only decides when to evaluate, log, checkpoint and stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from tqdm import tqdm
+
+from rollmill.config import RunConfig, dump_config
+from rollmill.track import RunLogger, plot_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    eval_before: dict | None
+    eval_after: dict | None
+    steps: int
+
+
+class Job(Protocol):
+    """One training run's work, step by step."""
+
+    headline: str  # the held-out metric shown in logs and the progress bar
+    step: int
+
+    def train_step(self) -> tuple[dict, list[dict]]:
+        """One update: its metrics record (with "step") and readable sample dumps."""
+        ...
+
+    def evaluate(self) -> dict: ...
+
+    def check_health(self, record: dict) -> None:
+        """Raise when the run cannot learn anything (e.g. every sample failing)."""
+        ...
+
+    def save(self, extra: dict) -> Path: ...
+
+    def resume(self) -> dict | None:
+        """Restore the latest checkpoint (None when there is none); return its loop state."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def run_job(job: Job, cfg: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
+    """Step `job` to `cfg.train.steps`, evaluating and checkpointing on schedule; always closes it."""
+    try:
+        return _run(job, cfg, run_dir, resume)
+    finally:
+        job.close()
+
+
+def _run(job: Job, cfg: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    eval_before = None
+    resume_step = None
+    if resume:
+        state = job.resume()
+        if state is None:
+            log.info("no checkpoint in %s: starting from step 0", run_dir)
+            resume_step = 0
+        else:
+            eval_before, resume_step = state.get("eval_before"), job.step
+    dump_config(cfg, run_dir / "config.yaml")
+    logger = RunLogger(run_dir, tensorboard=cfg.log.tensorboard, resume_step=resume_step)
+    if job.step == 0 and cfg.eval.before:
+        eval_before = job.evaluate()
+        logger.log_metrics({"step": 0, **eval_before})
+        log.info("held-out %s before training: %.3f", job.headline, eval_before[job.headline])
+    bar = tqdm(total=cfg.train.steps, initial=job.step, desc="train", disable=not cfg.log.progress, dynamic_ncols=True)
+    eval_after = None
+    with _StopOnInterrupt() as interrupt:
+        while job.step < cfg.train.steps and not interrupt.requested:
+            record, samples = job.train_step()
+            job.check_health(record)
+            last = job.step == cfg.train.steps
+            if last or (cfg.eval.every and job.step % cfg.eval.every == 0):
+                eval_after = job.evaluate()
+                record.update(eval_after)
+                log.info("step %d: held-out %s %.3f", job.step, job.headline, eval_after[job.headline])
+            logger.log_metrics(record)
+            logger.log_samples(job.step, samples)
+            if last or interrupt.requested or (cfg.checkpoint.every and job.step % cfg.checkpoint.every == 0):
+                path = job.save({"eval_before": eval_before})
+                log.info("step %d: checkpoint saved to %s", job.step, path)
+            bar.update(1)
+            bar.set_postfix(reward=f"{record.get('reward/mean', 0.0):.3f}", loss=f"{record.get('loss', 0.0):.4f}", **(
+                {"eval": f"{record[job.headline]:.3f}"} if job.headline in record else {}))
+    bar.close()
+    logger.close()
+    plot_run(run_dir)
+    if interrupt.requested:
+        log.info("interrupted: stopped after step %d with a checkpoint; continue with --resume", job.step)
+    return TrainResult(run_dir, eval_before, eval_after, job.step)
+
+
+class _StopOnInterrupt:
+    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop now)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False

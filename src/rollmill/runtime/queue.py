@@ -1,0 +1,181 @@
+"""The sample queue: finished trajectories in, the next update's groups out.
+
+Everything that decides *which* samples train lives here, not in the rollout call:
+- **group completion**: a group is complete when G of its samples are in (with redundant rollouts,
+  the first G to finish; failed samples of pipelines that drop them do not count);
+- **filters**: DAPO's overlong shaping, then dynamic sampling (a group whose rewards do not vary is
+  dropped the moment it completes, and a replacement is launched);
+- **the staleness bound**: a group trains only if its oldest sampled token is at most k versions
+  behind the weights being updated; older groups are dropped (and replaced);
+- **how much may run ahead**: `capacity` says how many groups may start now.
+
+Synchronous mode (k = 0) keeps the lockstep algorithm exactly: the driver launches a step's groups as
+one wave and refills in rounds (`refill`); asynchronous mode refills as each group is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rollmill.algos.filters import informative_groups, overlong_penalty
+from rollmill.config import RunConfig
+from rollmill.types import GroupSpec, Trajectory
+
+
+@dataclass
+class _Group:
+    spec: GroupSpec
+    version: int  # the rollout weights when it was launched
+    trajs: list[Trajectory] = field(default_factory=list)
+    arrived: int = 0
+
+
+@dataclass
+class StepData:
+    """What one update gets: the groups to train, and every group completed since the last update."""
+
+    groups: list[list[Trajectory]]
+    sampled: list[list[Trajectory]]
+    counts: dict[str, float]
+
+
+class SampleQueue:
+    """Groups in flight, groups ready to train, and the bookkeeping of what was dropped and why."""
+
+    def __init__(self, cfg: RunConfig, drop_failed_groups: bool):
+        self.cfg = cfg
+        self.want = cfg.rollout.prompts_per_step
+        self.size = cfg.rollout.group_size
+        self.k = cfg.async_.max_staleness
+        self.drop_failed = drop_failed_groups
+        self.inflight: dict[int, _Group] = {}
+        self.ready: dict[int, list[Trajectory]] = {}
+        self.sampled: list[list[Trajectory]] = []
+        self.spent = 0  # groups dropped this step that are not replaced (failures, refills used up)
+        self.refills_left = self._refill_budget()
+        self.counts: dict[str, float] = {}
+
+    def _refill_budget(self) -> int:
+        f = self.cfg.filters
+        return f.max_refill_rounds * self.want if f.dynamic_sampling else 0
+
+    # -- launching --------------------------------------------------------------------------------
+    @property
+    def samples_per_group(self) -> int:
+        return self.size + self.cfg.async_.redundant_episodes
+
+    def capacity(self) -> int:
+        """Groups that may start now: (k + 1) steps' worth plus `async.extra_groups`, minus those in
+        flight or waiting, minus this step's unreplaced drops."""
+        budget = (self.k + 1) * self.want + self.cfg.async_.extra_groups
+        return max(0, budget - len(self.inflight) - len(self.ready) - self.spent)
+
+    def launched(self, specs: list[GroupSpec], version: int) -> None:
+        for spec in specs:
+            self.inflight[spec.group_id] = _Group(spec, version)
+
+    # -- arrivals ---------------------------------------------------------------------------------
+    def add(self, traj: Trajectory) -> int | None:
+        """Take one finished sample; return its group id when that group just completed (its other
+        samples still running can be cancelled)."""
+        group = self.inflight.get(traj.group_id)
+        if group is None:  # a straggler of a completed or dropped group
+            self._count("async/discarded_samples")
+            return None
+        group.arrived += 1
+        if not (self.drop_failed and traj.failed) or self.cfg.async_.redundant_episodes == 0:
+            group.trajs.append(traj)
+        if len(group.trajs) < self.size and group.arrived < len(group.spec.indices):
+            return None
+        del self.inflight[traj.group_id]
+        self._complete(group)
+        return traj.group_id
+
+    def _complete(self, group: _Group) -> None:
+        trajs = sorted(group.trajs, key=lambda t: t.index)[: self.size]
+        if len(trajs) < self.size:  # redundant samples failed too: too few usable ones
+            self.sampled.append(sorted(group.trajs, key=lambda t: t.index))
+            self._drop("groups/dropped_for_failure")
+            return
+        self._shape(trajs)
+        self.sampled.append(trajs)
+        if self.drop_failed and any(t.failed for t in trajs):
+            self._drop("groups/dropped_for_failure")
+        elif self.cfg.filters.dynamic_sampling and not bool(informative_groups(self._scores([trajs]))[0]):
+            self._count("filter/dropped_groups")
+            if self.k == 0:
+                return  # synchronous: the driver refills in rounds
+            if self.refills_left > 0:
+                self.refills_left -= 1
+                self._count("filter/refilled_groups")
+            else:
+                self.spent += 1
+        else:
+            self.ready[group.spec.group_id] = trajs
+
+    def _shape(self, trajs: list[Trajectory]) -> None:
+        """DAPO's soft overlong punishment, added to each sample's reward (docs/algorithms.md §2.14)."""
+        cache = self.cfg.filters.overlong_cache
+        if not cache:
+            return
+        lengths = torch.tensor([t.sampled_tokens for t in trajs])
+        for t, s in zip(trajs, overlong_penalty(lengths, self.cfg.rollout.sampling.max_new_tokens, cache)):
+            t.turns[-1].reward = t.turns[-1].reward + float(s)
+
+    def _drop(self, key: str) -> None:
+        self._count(key)
+        self.spent += 1
+
+    def _count(self, key: str, n: float = 1.0) -> None:
+        self.counts[key] = self.counts.get(key, 0.0) + n
+
+    @staticmethod
+    def _scores(groups: list[list[Trajectory]]) -> torch.Tensor:
+        return torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)
+
+    # -- synchronous rounds -----------------------------------------------------------------------
+    def refill(self) -> int:
+        """Synchronous dynamic sampling: after a wave, how many groups the next refill round samples."""
+        return self.want - len(self.ready)
+
+    # -- handing out a batch ----------------------------------------------------------------------
+    def take(self, version: int, force: bool = False) -> StepData | None:
+        """The groups for the update from `version` (oldest first), or None while more must arrive
+        (`force`: whatever is ready, the synchronous driver's call after its last refill round).
+
+        Groups whose oldest token is more than k versions behind are dropped here (and replaced)."""
+        for gid in [g for g, trajs in self.ready.items() if _too_old(trajs, version, self.k)]:
+            del self.ready[gid]
+            self._count("async/stale_groups")
+        full = len(self.ready) >= self.want
+        if not (full or force) and (self.inflight or self.capacity() > 0):
+            return None
+        ids = sorted(self.ready)[: self.want]
+        data = StepData([self.ready.pop(g) for g in ids], self.sampled, self.counts)
+        self.sampled, self.counts, self.spent = [], {}, 0
+        self.refills_left = self._refill_budget()
+        return data
+
+    def abandon(self) -> list[int]:
+        """Forget the groups still in flight (a synchronous step that already has its groups); return their ids."""
+        ids = list(self.inflight)
+        self.inflight.clear()
+        self._count("async/abandoned_groups", len(ids))
+        return ids
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """What a checkpoint keeps: ready groups as they are; groups in flight as specs to start again."""
+        return {"ready": self.ready, "restart": [g.spec for g in self.inflight.values()]}
+
+    def load_state(self, state: dict) -> list[GroupSpec]:
+        """Restore ready groups; return the specs to launch again."""
+        self.ready = dict(state["ready"])
+        return list(state["restart"])
+
+
+def _too_old(trajs: list[Trajectory], version: int, k: int) -> bool:
+    oldest = min((t.oldest_version for t in trajs if t.oldest_version is not None), default=version)
+    return oldest < version - k

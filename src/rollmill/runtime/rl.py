@@ -1,0 +1,163 @@
+"""The RL job: the driver that wires rollout workers, the sample queue and the learner, step by step.
+
+Synchronous (`async.max_staleness: 0`): a step launches its groups as one wave with the current
+weights, waits for them (and for dynamic sampling's refill rounds), trains, and publishes the new
+weights before the next wave starts: the lockstep algorithm, sample for sample.
+
+Asynchronous (k > 0): workers keep up to k + 1 steps' worth of groups in flight; the queue hands the
+learner the oldest ready groups within the staleness bound, and while the learner trains the driver
+keeps collecting and launching. Weights are published without waiting; workers load them between
+engine steps (partial rollouts, `async.partial_rollout`).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from pathlib import Path
+
+from rollmill.config import RunConfig
+from rollmill.models import load_tokenizer
+from rollmill.pipelines import PIPELINES
+from rollmill.pipelines.common import spread
+from rollmill.runtime.queue import SampleQueue, StepData
+from rollmill.train import list_checkpoints
+from rollmill.types import GroupSpec
+
+log = logging.getLogger(__name__)
+
+QUEUE_FILE = "queue.pkl"
+
+
+class RLJob:
+    """One RL run's driver; `roles` is the backend's handle on the learner and the rollout workers."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, roles):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.pipeline = PIPELINES[cfg.pipeline]
+        self.headline = self.pipeline.headline
+        self.source = self.pipeline.source(cfg)  # bad data fails before any model loads
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.queue = SampleQueue(cfg, self.pipeline.drop_failed_groups)
+        self.roles = roles(cfg)
+        self.sync = cfg.async_.max_staleness == 0
+        self.step = 0
+        self._restart: list[GroupSpec] = []
+        self._all_failed_streak = 0
+        self._last_error = ""
+
+    # -- one step ---------------------------------------------------------------------------------
+    def train_step(self) -> tuple[dict, list[dict]]:
+        t0 = time.perf_counter()
+        data, rounds = self._collect_sync() if self.sync else (self._collect_async(), None)
+        t_rollout = time.perf_counter() - t0
+        if not data.groups:
+            log.warning("step %d: no group to train on (all filtered or dropped); no update this step", self.step + 1)
+        handle = self.roles.train(data.groups, self.step + 1)
+        while not self.sync and not self.roles.done(handle):
+            self._launch(self.queue.capacity())  # rollout runs on while the learner trains
+            self._poll()
+        metrics = self.roles.result(handle)
+        t_train = time.perf_counter() - t0 - t_rollout
+        self.step += 1
+        t_sync = self.roles.publish(self.step, wait=self.sync)
+        trajs = [t for g in data.sampled for t in g]
+        self.pipeline.log_failures(self.step, trajs)
+        if any(t.failed for t in trajs):
+            self._last_error = next(t.error for t in trajs if t.failed) or ""
+        record = {"step": self.step, **self.pipeline.rollout_metrics(data.sampled), **metrics}
+        if self.cfg.filters.dynamic_sampling:
+            record["filter/kept_groups"] = len(data.groups)
+            record["filter/sampled_groups"] = len(data.sampled)
+            if rounds is not None:
+                record["filter/refill_rounds"] = rounds
+        if not self.sync:
+            record.update(data.counts)
+            record["async/groups_in_flight"] = float(len(self.queue.inflight))
+        tokens = sum(t.sampled_tokens for t in trajs)
+        record.update({"time/rollout_s": t_rollout, "time/train_s": t_train, "time/sync_s": t_sync,
+                       "throughput/tokens_per_s": tokens / (t_rollout + t_train),
+                       "throughput/trained_samples_per_s": sum(len(g) for g in data.groups) / (time.perf_counter() - t0)})
+        samples = [self.pipeline.sample_dump(trajs[i], self.tokenizer) for i in spread(len(trajs), self.cfg.log.samples_per_step)]
+        return record, samples
+
+    def _collect_sync(self) -> tuple[StepData, int]:
+        """One wave with the current weights, then dynamic sampling's refill rounds, then the batch."""
+        want, rounds = self.cfg.rollout.prompts_per_step, 0
+        self._launch(want + self.cfg.async_.extra_groups)
+        while True:
+            while self.queue.inflight and len(self.queue.ready) < want:
+                self._poll()
+            if self.queue.inflight:  # the step is full: the extra groups still running are not needed
+                self.roles.cancel(self.queue.abandon())
+            if len(self.queue.ready) >= want or not self.cfg.filters.dynamic_sampling or \
+                    rounds >= self.cfg.filters.max_refill_rounds:
+                return self.queue.take(self.step, force=True), rounds
+            rounds += 1
+            self._launch(self.queue.refill())
+
+    def _collect_async(self) -> StepData:
+        while True:
+            self._launch(self.queue.capacity())
+            data = self.queue.take(self.step)
+            if data is not None:
+                return data
+            self._poll()
+
+    def _launch(self, count: int) -> None:
+        if count <= 0:
+            return
+        again, self._restart = self._restart[:count], self._restart[count:]
+        specs = again + self.source.next_groups(count - len(again), self.queue.samples_per_group)
+        self.queue.launched(specs, self.roles.rollout_version)
+        self.roles.submit(specs, lockstep=self.cfg.async_.lockstep)
+
+    def _poll(self) -> None:
+        complete = [gid for t in self.roles.poll(self.cfg.runtime.poll_s, self.step + 1)
+                    if (gid := self.queue.add(t)) is not None]
+        if complete and self.queue.samples_per_group > self.cfg.rollout.group_size:
+            self.roles.cancel(complete)  # redundant samples still running
+
+    # -- evaluation, health, checkpoints ----------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Held-out metrics with the weights of the current step."""
+        specs = self.source.eval_groups(self.cfg.eval.n)
+        trajs = self.roles.evaluate(specs, self.step)
+        groups = [[t for t in trajs if t.group_id == s.group_id] for s in specs]
+        self.pipeline.log_failures(self.step, trajs, where="held-out ")
+        return self.pipeline.eval_metrics(groups)
+
+    def check_health(self, record: dict) -> None:
+        """Stop when every sample fails for several steps: that is a bug (a broken reward or env), not bad luck."""
+        p = self.pipeline
+        all_failed = record[p.failed_key] == record[p.samples_key]
+        self._all_failed_streak = self._all_failed_streak + 1 if all_failed else 0
+        if self._all_failed_streak >= self.cfg.reward.max_all_failed_steps:
+            raise RuntimeError(p.all_failed_message.format(steps=self._all_failed_streak, error=self._last_error))
+
+    def save(self, extra: dict) -> Path:
+        state = {**extra, "source": self.source.state()}
+        queue = self.queue.state()
+        queue["restart"] = self._restart + queue["restart"]
+        return self.roles.save(self.run_dir / "checkpoints", self.step, state, self.cfg.checkpoint.keep,
+                               {QUEUE_FILE: pickle.dumps(queue)})
+
+    def resume(self) -> dict | None:
+        ckpts = list_checkpoints(self.run_dir / "checkpoints")
+        if not ckpts:
+            return None
+        state = self.roles.load(ckpts[-1])
+        self.step = state["step"]
+        self.source.load_state(state["source"])
+        queue = ckpts[-1] / QUEUE_FILE
+        if queue.is_file():
+            self._restart = self.queue.load_state(pickle.loads(queue.read_bytes()))
+        self.roles.publish(self.step, wait=True)
+        log.info("resumed from %s (step %d)", ckpts[-1], self.step)
+        return state
+
+    def close(self) -> None:
+        self.roles.close()
+

@@ -1,0 +1,172 @@
+"""The rollout worker role: an engine, the pipeline's episodes and a reward client -> finished trajectories.
+
+Built from the config alone (it loads its own copy of the policy; weights then arrive by value through
+`update_weights`), so it runs the same in the driver's process or as a Ray actor. Inside, one asyncio
+loop in a thread of its own runs every sample as a coroutine (`Episodes.run`), an `EngineDriver`
+batches their replies, and finished trajectories wait in an outbox for `poll`. Every public method is
+safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+from rollmill.config import RunConfig
+from rollmill.models import load_model
+from rollmill.pipelines import PIPELINES, EpisodeContext
+from rollmill.rollout import build_engine
+from rollmill.rollout.driver import EngineDriver
+from rollmill.runtime.rewards import LocalRewards
+from rollmill.types import GroupSpec, Trajectory
+
+log = logging.getLogger(__name__)
+
+
+class WorkerFailure(RuntimeError):
+    """An episode raised (a bug, not an env failure, which only fails its own sample)."""
+
+
+class RolloutWorker:
+    """Produces trajectories for the groups it is given, with the weights it was last given."""
+
+    def __init__(self, cfg: RunConfig, worker_id: int = 0, rewards=None):
+        self.cfg = cfg
+        self.id = worker_id
+        self.pipeline = PIPELINES[cfg.pipeline]
+        model, self.tokenizer = load_model(cfg.model)
+        self.engine = build_engine(cfg.rollout, model, self.tokenizer)
+        self.rewards = rewards or LocalRewards(cfg.reward, cfg.runtime.reward_workers)
+        self.episodes = self.pipeline.episodes(cfg, self.tokenizer)
+        self._outbox: queue.Queue = queue.Queue()
+        self._tasks: dict[int, list[asyncio.Task]] = {}  # group id -> its running samples
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"rollout-{worker_id}", daemon=True)
+        self._thread.start()
+        self.driver: EngineDriver = self._call(self._make_driver()).result()
+
+    async def _make_driver(self) -> EngineDriver:
+        return EngineDriver(self.engine, self.cfg.async_.partial_rollout)
+
+    def _call(self, coroutine) -> Future:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    # -- the role's interface ---------------------------------------------------------------------
+    def submit(self, specs: list[GroupSpec], lockstep: bool) -> None:
+        """Start every sample of `specs`; with `lockstep` they take each engine step together."""
+        self._loop.call_soon_threadsafe(self._start, specs, lockstep)
+
+    def poll(self, timeout: float) -> list[Trajectory]:
+        """Trajectories finished since the last poll (waits up to `timeout` for the first one)."""
+        out = []
+        try:
+            out.append(self._outbox.get(timeout=timeout))
+            while True:
+                out.append(self._outbox.get_nowait())
+        except queue.Empty:
+            pass
+        for item in out:
+            if isinstance(item, BaseException):
+                raise WorkerFailure(f"rollout worker {self.id}: an episode raised: {item!r}") from item
+        return out
+
+    def cancel(self, group_ids: list[int]) -> None:
+        """Stop the samples of these groups still running (redundant samples no longer needed)."""
+        self._loop.call_soon_threadsafe(self._cancel, list(group_ids))
+
+    def update_weights(self, state, version: int) -> Future:
+        """Load weights `version` (running generations continue or finish per `async.partial_rollout`);
+        the future resolves once they serve. `state` must stay unchanged until then."""
+        return self._call(self.driver.update_weights(state, version))
+
+    def evaluate(self, specs: list[GroupSpec], min_version: int) -> list[Trajectory]:
+        """Play the held-out `specs` in lockstep once the engine serves `min_version` or later."""
+        return self._call(self._evaluate(specs, min_version)).result()
+
+    def stats(self) -> dict[str, float]:
+        s = self.driver.stats
+        return {"engine_steps": s.steps, "engine_busy_s": s.busy_s, "continued": s.continued}
+
+    def close(self) -> None:
+        self._call(self._shutdown()).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self.episodes.close()
+        self.rewards.close()
+
+    # -- inside the loop --------------------------------------------------------------------------
+    def _start(self, specs: list[GroupSpec], lockstep: bool) -> None:
+        members = [(s.group_id, i) for s in specs for i in s.indices]
+        wave = self.driver.wave(members) if lockstep else None
+        for spec in specs:
+            tasks = [self._loop.create_task(self._sample(spec, i, wave)) for i in spec.indices]
+            self._tasks.setdefault(spec.group_id, []).extend(tasks)
+
+    async def _sample(self, spec: GroupSpec, index: int, wave) -> Trajectory | None:
+        member = (spec.group_id, index)
+        generate = (lambda request: self.driver.generate(request, wave, member)) if wave else self.driver.generate
+        try:
+            traj = await self.episodes.run(spec, index, EpisodeContext(generate, self.rewards.score))
+        except asyncio.CancelledError:
+            return None
+        except Exception as err:  # noqa: BLE001  a bug in episode code: the driver raises it
+            if not spec.eval:
+                self._outbox.put(err)
+            raise
+        finally:
+            if wave is not None:
+                wave.leave(member)
+            if not spec.eval:
+                self._forget(spec.group_id)
+        if not spec.eval:
+            self._outbox.put(traj)
+        return traj
+
+    def _forget(self, group_id: int) -> None:
+        tasks = self._tasks.get(group_id)
+        if tasks is not None and all(t.done() or t is asyncio.current_task() for t in tasks):
+            del self._tasks[group_id]
+
+    def _cancel(self, group_ids: list[int]) -> None:
+        for gid in group_ids:
+            for task in self._tasks.pop(gid, []):
+                task.cancel()
+
+    async def _evaluate(self, specs: list[GroupSpec], min_version: int) -> list[Trajectory]:
+        while self.engine.version < min_version:
+            await asyncio.sleep(0.01)
+        members = [(s.group_id, i) for s in specs for i in s.indices]
+        wave = self.driver.wave(members)
+        return list(await asyncio.gather(*(self._sample(s, i, wave) for s in specs for i in s.indices)))
+
+    async def _shutdown(self) -> None:
+        for tasks in self._tasks.values():
+            for task in tasks:
+                task.cancel()
+        self._tasks.clear()
+        await asyncio.sleep(0)
+        await self.driver.close()
+
+
+def wait_for_update(future: Future, engine: str, version: int, timeout_s: float) -> float:
+    """Block until a weight update is served; raise `WeightSyncError` naming the engine if it fails or
+    takes longer than `timeout_s`. Returns the seconds it took."""
+    from rollmill.rollout import WeightSyncError
+
+    t0 = time.perf_counter()
+    try:
+        future.result(timeout=timeout_s)
+    except TimeoutError:
+        raise WeightSyncError(f"{engine} engine: weight update to version {version} did not finish within "
+                              f"{timeout_s:g}s") from None
+    except Exception as err:
+        raise WeightSyncError(f"{engine} engine: weight update to version {version} failed: {err}") from err
+    return time.perf_counter() - t0
