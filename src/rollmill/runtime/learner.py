@@ -76,6 +76,7 @@ class Learner:
             self.version += 1
             return {}
         oldest = min((t.oldest_version for g in groups for t in g if t.oldest_version is not None), default=None)
+        self.trainer.version = self.version
         metrics = self.pipeline.update(self, groups)
         if oldest is not None and self.cfg.async_.max_staleness > 0:
             metrics["async/staleness_max"] = float(self.version - oldest)

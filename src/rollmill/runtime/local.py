@@ -42,10 +42,6 @@ class LocalRoles:
         self._training = ThreadPoolExecutor(1, thread_name_prefix="learner")
         self._turn = 0
 
-    @property
-    def rollout_version(self) -> int:
-        return min(w.version for w in self.workers)
-
     def train(self, groups: list[list[Trajectory]], step: int) -> Future:
         return self._training.submit(self.learner.train, groups)
 

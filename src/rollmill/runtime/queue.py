@@ -34,7 +34,8 @@ class _Group:
 
 @dataclass
 class StepData:
-    """What one update gets: the groups to train, and every group completed since the last update."""
+    """What one update gets: the groups to train, and every group it saw (those, and the groups dropped
+    since the last update), in group order."""
 
     groups: list[list[Trajectory]]
     sampled: list[list[Trajectory]]
@@ -52,7 +53,7 @@ class SampleQueue:
         self.drop_failed = drop_failed_groups
         self.inflight: dict[int, _Group] = {}
         self.ready: dict[int, list[Trajectory]] = {}
-        self.sampled: list[list[Trajectory]] = []
+        self.dropped: list[list[Trajectory]] = []  # completed since the last update, not trained
         self.spent = 0  # groups dropped this step that are not replaced (failures, refills used up)
         self.refills_left = self._refill_budget()
         self.counts: dict[str, float] = {}
@@ -66,10 +67,13 @@ class SampleQueue:
     def samples_per_group(self) -> int:
         return self.size + self.cfg.async_.redundant_episodes
 
-    def capacity(self) -> int:
-        """Groups that may start now: (k + 1) steps' worth plus `async.extra_groups`, minus those in
-        flight or waiting, minus this step's unreplaced drops."""
-        budget = (self.k + 1) * self.want + self.cfg.async_.extra_groups
+    def capacity(self, rollout_version: int, next_update: int) -> int:
+        """Groups that may start now on weights `rollout_version` when the next update to take data is
+        the one from `next_update`: such a group can train in updates `next_update .. rollout_version + k`,
+        so that many steps' worth (plus `async.extra_groups`), minus the groups in flight or waiting
+        (they train first), minus this step's unreplaced drops."""
+        steps = rollout_version + self.k - next_update + 1
+        budget = steps * self.want + self.cfg.async_.extra_groups
         return max(0, budget - len(self.inflight) - len(self.ready) - self.spent)
 
     def launched(self, specs: list[GroupSpec], version: int) -> None:
@@ -96,14 +100,15 @@ class SampleQueue:
     def _complete(self, group: _Group) -> None:
         trajs = sorted(group.trajs, key=lambda t: t.index)[: self.size]
         if len(trajs) < self.size:  # redundant samples failed too: too few usable ones
-            self.sampled.append(sorted(group.trajs, key=lambda t: t.index))
+            self.dropped.append(sorted(group.trajs, key=lambda t: t.index))
             self._drop("groups/dropped_for_failure")
             return
         self._shape(trajs)
-        self.sampled.append(trajs)
         if self.drop_failed and any(t.failed for t in trajs):
+            self.dropped.append(trajs)
             self._drop("groups/dropped_for_failure")
         elif self.cfg.filters.dynamic_sampling and not bool(informative_groups(self._scores([trajs]))[0]):
+            self.dropped.append(trajs)
             self._count("filter/dropped_groups")
             if self.k == 0:
                 return  # synchronous: the driver refills in rounds
@@ -147,14 +152,16 @@ class SampleQueue:
 
         Groups whose oldest token is more than k versions behind are dropped here (and replaced)."""
         for gid in [g for g, trajs in self.ready.items() if _too_old(trajs, version, self.k)]:
-            del self.ready[gid]
+            self.dropped.append(self.ready.pop(gid))
             self._count("async/stale_groups")
         full = len(self.ready) >= self.want
-        if not (full or force) and (self.inflight or self.capacity() > 0):
+        if not (full or force) and (self.inflight or self.capacity(version, version) > 0):
             return None
         ids = sorted(self.ready)[: self.want]
-        data = StepData([self.ready.pop(g) for g in ids], self.sampled, self.counts)
-        self.sampled, self.counts, self.spent = [], {}, 0
+        groups = [self.ready.pop(g) for g in ids]
+        seen = sorted(groups + self.dropped, key=lambda g: g[0].group_id)
+        data = StepData(groups, seen, self.counts)
+        self.dropped, self.counts, self.spent = [], {}, 0
         self.refills_left = self._refill_budget()
         return data
 

@@ -44,6 +44,7 @@ class RLJob:
         self.roles = roles(cfg)
         self.sync = cfg.async_.max_staleness == 0
         self.step = 0
+        self.published = 0  # the weights version the rollout workers were last sent
         self._restart: list[GroupSpec] = []
         self._all_failed_streak = 0
         self._last_error = ""
@@ -57,12 +58,13 @@ class RLJob:
             log.warning("step %d: no group to train on (all filtered or dropped); no update this step", self.step + 1)
         handle = self.roles.train(data.groups, self.step + 1)
         while not self.sync and not self.roles.done(handle):
-            self._launch(self.queue.capacity())  # rollout runs on while the learner trains
+            self._launch(self.queue.capacity(self.published, self.step + 1))  # rollout runs on while the learner trains
             self._poll()
         metrics = self.roles.result(handle)
         t_train = time.perf_counter() - t0 - t_rollout
         self.step += 1
         t_sync = self.roles.publish(self.step, wait=self.sync)
+        self.published = self.step
         trajs = [t for g in data.sampled for t in g]
         self.pipeline.log_failures(self.step, trajs)
         if any(t.failed for t in trajs):
@@ -100,7 +102,7 @@ class RLJob:
 
     def _collect_async(self) -> StepData:
         while True:
-            self._launch(self.queue.capacity())
+            self._launch(self.queue.capacity(self.published, self.step))
             data = self.queue.take(self.step)
             if data is not None:
                 return data
@@ -111,7 +113,7 @@ class RLJob:
             return
         again, self._restart = self._restart[:count], self._restart[count:]
         specs = again + self.source.next_groups(count - len(again), self.queue.samples_per_group)
-        self.queue.launched(specs, self.roles.rollout_version)
+        self.queue.launched(specs, self.published)
         self.roles.submit(specs, lockstep=self.cfg.async_.lockstep)
 
     def _poll(self) -> None:
@@ -155,6 +157,7 @@ class RLJob:
         if queue.is_file():
             self._restart = self.queue.load_state(pickle.loads(queue.read_bytes()))
         self.roles.publish(self.step, wait=True)
+        self.published = self.step
         log.info("resumed from %s (step %d)", ckpts[-1], self.step)
         return state
 

@@ -61,6 +61,7 @@ class PolicyTrainer:
         self.max_new_tokens = max_new_tokens
         self.ref_model = ref_model
         self.kl_coef = algo_cfg.kl_coef  # moved by an adaptive KL controller when one is configured
+        self.version: int | None = None  # the weights version held, when the caller tracks versions
         self.loss_fn = POLICY_LOSSES[algo_cfg.loss]
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -108,11 +109,13 @@ class PolicyTrainer:
         sums: dict[str, float] = defaultdict(float)
         self._mismatch_max = 0.0
         if old_logp is not None:
-            self._mismatch_max = float(((old_logp - batch.behaviour_logprobs).abs() * batch.mask).max())
-            # train/inference consistency (same weights, trainer vs engine log-probs); x epochs because
-            # every metric is divided by the token count summed over epochs
-            gap = ((old_logp - batch.behaviour_logprobs).abs() * batch.mask).sum()
+            # train/inference consistency (same weights, trainer vs engine log-probs), counted like every
+            # other metric: per token, summed over epochs
+            current = self._current_version(batch.mask, batch.versions)
+            self._mismatch_max = float(((old_logp - batch.behaviour_logprobs).abs() * current).max())
+            gap = ((old_logp - batch.behaviour_logprobs).abs() * current).sum()
             sums["logprob_mismatch"] = float(gap) * self.cfg.ppo_epochs
+            sums["mismatch_tokens"] = float(current.sum()) * self.cfg.ppo_epochs
         grad_norms = []
         self.model.train()
         for _ in range(self.cfg.ppo_epochs):
@@ -123,7 +126,10 @@ class PolicyTrainer:
         self.scheduler.step()
         loss_sum = sums.pop("loss")
         tokens = max(sums.pop("tokens"), 1.0)
+        mismatch, mismatch_tokens = sums.pop("logprob_mismatch", 0.0), sums.pop("mismatch_tokens", 0.0)
         metrics = {k: v / tokens for k, v in sums.items()}
+        if mismatch_tokens > 0:
+            metrics["logprob_mismatch"] = mismatch / mismatch_tokens
         metrics["loss"] = loss_sum / len(grad_norms)
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
@@ -132,6 +138,13 @@ class PolicyTrainer:
         if self.algo.mismatch_ratio_bounds is not None or by_segment:
             metrics["mismatch/dropped_tokens"] = dropped
         return metrics
+
+    def _current_version(self, mask: torch.Tensor, versions: torch.Tensor | None) -> torch.Tensor:
+        """`mask` restricted to the tokens sampled with the weights this trainer holds (`self.version`):
+        only those must match the engine's log-probs; older tokens differ by the policy's own change."""
+        if self.version is None or versions is None:
+            return mask
+        return mask * (versions == self.version)
 
     def _optimizer_step(self, mini: TrainBatch, index, old_logp, ref_logp, sums) -> float:
         num_tokens = float(mini.mask.sum())
@@ -168,8 +181,10 @@ class PolicyTrainer:
                 sums["approx_kl"] += float(((log_ratio.exp() - 1 - log_ratio) * m).sum())
                 sums["ratio"] += float((out.ratio.detach() * m).sum())
                 if old_logp is None:  # single pass: logp is still the pre-update policy
-                    gap = (logp.detach() - micro.behaviour_logprobs).abs() * m
+                    current = self._current_version(m, micro.versions)
+                    gap = (logp.detach() - micro.behaviour_logprobs).abs() * current
                     sums["logprob_mismatch"] += float(gap.sum())
+                    sums["mismatch_tokens"] += float(current.sum())
                     self._mismatch_max = max(self._mismatch_max, float(gap.max()))
                 sums["tokens"] += float(m.sum())
         t1 = time.perf_counter()
