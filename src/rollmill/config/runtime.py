@@ -19,7 +19,8 @@ class AsyncConfig(Strict):
     max_staleness: int = Field(0, ge=0, description="k: versions a trained token may lag (0 = synchronous)")
     env_async: bool | None = Field(
         None, description="each episode advances on its own and the engine batches whatever turns are ready; "
-                          "False = lockstep turns; None = on when max_staleness > 0")
+                          "False = lockstep turns; None = on unless the run is fully synchronous (k = 0, no "
+                          "redundant episodes, no extra groups)")
     partial_rollout: Literal["continue", "finish"] = Field(
         "continue", description="a generation in flight when new weights arrive is aborted and continued under "
                                 "them (continue) or finished under the old ones first (finish)")
@@ -34,7 +35,17 @@ class AsyncConfig(Strict):
     @property
     def lockstep(self) -> bool:
         """Whether episodes take their turns together (the synchronous agent loop)."""
-        return not self.env_async if self.env_async is not None else self.max_staleness == 0
+        if self.env_async is not None:
+            return not self.env_async
+        return self.max_staleness == 0 and self.redundant_episodes == 0 and self.extra_groups == 0
+
+    @model_validator(mode="after")
+    def _redundancy_needs_env_async(self) -> AsyncConfig:
+        if self.env_async is False and (self.redundant_episodes or self.extra_groups):
+            raise ValueError("redundant_episodes and extra_groups need env-level asynchrony: in lockstep every "
+                             "episode waits for the slowest one, so the spare ones cannot overtake it; leave "
+                             "env_async unset or true")
+        return self
 
 
 class RoleResources(Strict):
