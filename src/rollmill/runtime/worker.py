@@ -37,20 +37,15 @@ class RolloutWorker:
     def __init__(self, cfg: RunConfig, worker_id: int = 0, rewards=None):
         self.cfg = cfg
         self.id = worker_id
-        self.pipeline = PIPELINES[cfg.pipeline]
         model, self.tokenizer = load_model(cfg.model)
         self.engine = build_engine(cfg.rollout, model, self.tokenizer)
         self.rewards = rewards or LocalRewards(cfg.reward, cfg.runtime.reward_workers)
-        self.episodes = self.pipeline.episodes(cfg, self.tokenizer)
+        self.episodes = PIPELINES[cfg.pipeline].episodes(cfg, self.tokenizer)
         self._outbox: queue.Queue = queue.Queue()
-        self._tasks: dict[int, list[asyncio.Task]] = {}  # group id -> its running samples
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"rollout-{worker_id}", daemon=True)
         self._thread.start()
-        self.driver: EngineDriver = self._call(self._make_driver()).result()
-
-    async def _make_driver(self) -> EngineDriver:
-        return EngineDriver(self.engine, self.cfg.async_.partial_rollout)
+        self._samples: _Samples = self._call(_Samples.start(self)).result()
 
     def _call(self, coroutine) -> Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
@@ -59,10 +54,9 @@ class RolloutWorker:
     def version(self) -> int:
         return self.engine.version
 
-    # -- the role's interface ---------------------------------------------------------------------
     def submit(self, specs: list[GroupSpec], lockstep: bool) -> None:
         """Start every sample of `specs`; with `lockstep` they take each engine step together."""
-        self._loop.call_soon_threadsafe(self._start, specs, lockstep)
+        self._loop.call_soon_threadsafe(self._samples.launch, specs, lockstep)
 
     def poll(self, timeout: float) -> list[Trajectory]:
         """Trajectories finished since the last poll (waits up to `timeout` for the first one)."""
@@ -80,46 +74,58 @@ class RolloutWorker:
 
     def cancel(self, group_ids: list[int]) -> None:
         """Stop the samples of these groups still running (redundant samples no longer needed)."""
-        self._loop.call_soon_threadsafe(self._cancel, list(group_ids))
+        self._loop.call_soon_threadsafe(self._samples.cancel, list(group_ids))
 
     def update_weights(self, state, version: int) -> Future:
         """Load weights `version` (running generations continue or finish per `async.partial_rollout`);
         the future resolves once they serve. `state` must stay unchanged until then."""
-        return self._call(self.driver.update_weights(state, version))
+        return self._call(self._samples.driver.update_weights(state, version))
 
     def evaluate(self, specs: list[GroupSpec], min_version: int) -> list[Trajectory]:
         """Play the held-out `specs` in lockstep once the engine serves `min_version` or later."""
-        return self._call(self._evaluate(specs, min_version)).result()
-
-    def stats(self) -> dict[str, float]:
-        s = self.driver.stats
-        return {"engine_steps": s.steps, "engine_busy_s": s.busy_s, "continued": s.continued}
+        return self._call(self._samples.evaluate(specs, min_version)).result()
 
     def close(self) -> None:
-        self._call(self._shutdown()).result(timeout=30)
+        self._call(self._samples.shutdown()).result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
         self.episodes.close()
         self.rewards.close()
 
-    # -- inside the loop --------------------------------------------------------------------------
-    def _start(self, specs: list[GroupSpec], lockstep: bool) -> None:
+
+class _Samples:
+    """The worker's side inside its event loop: one task per sample, the engine driver, the outbox.
+
+    Kept apart from `RolloutWorker` so that class has no coroutine methods (Ray would otherwise run
+    it as an async actor, on one event loop, where a blocking call would stall every other one)."""
+
+    def __init__(self, worker: RolloutWorker, driver: EngineDriver):
+        self.worker, self.driver = worker, driver
+        self.tasks: dict[int, list[asyncio.Task]] = {}  # group id -> its running samples
+
+    @classmethod
+    async def start(cls, worker: RolloutWorker) -> _Samples:
+        return cls(worker, EngineDriver(worker.engine, worker.cfg.async_.partial_rollout))
+
+    def launch(self, specs: list[GroupSpec], lockstep: bool) -> None:
         members = [(s.group_id, i) for s in specs for i in s.indices]
         wave = self.driver.wave(members) if lockstep else None
+        loop = asyncio.get_running_loop()
         for spec in specs:
-            tasks = [self._loop.create_task(self._sample(spec, i, wave)) for i in spec.indices]
-            self._tasks.setdefault(spec.group_id, []).extend(tasks)
+            tasks = [loop.create_task(self.sample(spec, i, wave)) for i in spec.indices]
+            self.tasks.setdefault(spec.group_id, []).extend(tasks)
 
-    async def _sample(self, spec: GroupSpec, index: int, wave) -> Trajectory | None:
+    async def sample(self, spec: GroupSpec, index: int, wave) -> Trajectory | None:
         member = (spec.group_id, index)
         generate = (lambda request: self.driver.generate(request, wave, member)) if wave else self.driver.generate
+        outbox = self.worker._outbox
         try:
-            traj = await self.episodes.run(spec, index, EpisodeContext(generate, self.rewards.score))
+            traj = await self.worker.episodes.run(spec, index, EpisodeContext(generate, self.worker.rewards.score))
         except asyncio.CancelledError:
             return None
         except Exception as err:  # noqa: BLE001  a bug in episode code: the driver raises it
             if not spec.eval:
-                self._outbox.put(err)
+                outbox.put(err)
             raise
         finally:
             if wave is not None:
@@ -127,31 +133,27 @@ class RolloutWorker:
             if not spec.eval:
                 self._forget(spec.group_id)
         if not spec.eval:
-            self._outbox.put(traj)
+            outbox.put(traj)
         return traj
 
     def _forget(self, group_id: int) -> None:
-        tasks = self._tasks.get(group_id)
+        tasks = self.tasks.get(group_id)
         if tasks is not None and all(t.done() or t is asyncio.current_task() for t in tasks):
-            del self._tasks[group_id]
+            del self.tasks[group_id]
 
-    def _cancel(self, group_ids: list[int]) -> None:
+    def cancel(self, group_ids: list[int]) -> None:
         for gid in group_ids:
-            for task in self._tasks.pop(gid, []):
+            for task in self.tasks.pop(gid, []):
                 task.cancel()
 
-    async def _evaluate(self, specs: list[GroupSpec], min_version: int) -> list[Trajectory]:
-        while self.engine.version < min_version:
+    async def evaluate(self, specs: list[GroupSpec], min_version: int) -> list[Trajectory]:
+        while self.driver.version < min_version:
             await asyncio.sleep(0.01)
-        members = [(s.group_id, i) for s in specs for i in s.indices]
-        wave = self.driver.wave(members)
-        return list(await asyncio.gather(*(self._sample(s, i, wave) for s in specs for i in s.indices)))
+        wave = self.driver.wave([(s.group_id, i) for s in specs for i in s.indices])
+        return list(await asyncio.gather(*(self.sample(s, i, wave) for s in specs for i in s.indices)))
 
-    async def _shutdown(self) -> None:
-        for tasks in self._tasks.values():
-            for task in tasks:
-                task.cancel()
-        self._tasks.clear()
+    async def shutdown(self) -> None:
+        self.cancel(list(self.tasks))
         await asyncio.sleep(0)
         await self.driver.close()
 

@@ -1,0 +1,174 @@
+"""The Ray backend: the learner, the rollout workers and the reward workers as Ray actors.
+
+The actors are the same classes the local backend runs in-process (`Learner`, `RolloutWorker`,
+`RewardWorker`), each built from the config alone in its own process. The driver (this process) only
+wires them: it holds the sample queue and calls the roles' methods remotely. Weights go from the
+learner to the workers through Ray's object store, by value, with their version. `ray.init()` starts
+a local head unless `runtime.ray_address` names a cluster to join; `runtime.learner/rollout/reward`
+say what each actor asks for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from pathlib import Path
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from rollmill.config import RunConfig
+from rollmill.models import load_tokenizer
+from rollmill.rollout import WeightSyncError
+from rollmill.runtime.learner import Learner
+from rollmill.runtime.local import assign
+from rollmill.runtime.rewards import RewardWorker
+from rollmill.runtime.worker import RolloutWorker
+from rollmill.types import GroupSpec, Trajectory
+
+log = logging.getLogger(__name__)
+
+
+class RoleDied(RuntimeError):
+    """An actor of the run died; the message names the role, the actor and the step."""
+
+
+def _threads(cfg: RunConfig) -> int:
+    return cfg.train.threads or os.cpu_count() or 1
+
+
+class _LearnerActor(Learner):
+    def __init__(self, cfg: RunConfig):
+        torch.set_num_threads(_threads(cfg))  # Ray caps an actor's threads at its CPUs; the run says how many
+        super().__init__(cfg)
+
+    def publishable(self) -> dict[str, torch.Tensor]:
+        """The weights, serialized into the object store by value when this call returns."""
+        return self.weights()
+
+
+class _RolloutActor(RolloutWorker):
+    def __init__(self, cfg: RunConfig, worker_id: int, rewards):
+        torch.set_num_threads(_threads(cfg))
+        super().__init__(cfg, worker_id, rewards)
+
+    def apply_weights(self, state, version: int) -> None:
+        """Load weights `version` and return once they serve (the local backend's future, awaited here)."""
+        self.update_weights(state, version).result()
+
+    def engine_name(self) -> str:
+        return self.engine.name
+
+
+class RayRewards:
+    """The rollout worker's reward client over reward-worker actors, taken in turn."""
+
+    def __init__(self, actors: list):
+        self.actors = actors
+        self._turn = itertools.count()
+
+    async def score(self, completion: str, example):
+        actor = self.actors[next(self._turn) % len(self.actors)]
+        return await asyncio.wrap_future(actor.score.remote(completion, example).future())
+
+    def close(self) -> None:
+        """The driver owns the actors."""
+
+
+class RayRoles:
+    """The learner, `runtime.rollout_workers` rollout workers and `runtime.reward_workers` reward workers as actors."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        load_tokenizer(cfg.model)  # convert a packaged model once here, not in several actors at the same time
+        rt = cfg.runtime
+        self._started = not ray.is_initialized()
+        if self._started:
+            needed = rt.learner.num_cpus + rt.rollout_workers * rt.rollout.num_cpus + rt.reward_workers * rt.reward.num_cpus
+            cpus = os.cpu_count() or 1
+            if rt.ray_address is None and needed > cpus:
+                log.info("runtime: the roles ask for %.1f CPUs on a %d-CPU machine; the local Ray head offers %.1f",
+                         needed, cpus, needed)
+            ray.init(address=rt.ray_address, num_cpus=None if rt.ray_address else max(cpus, int(needed + 0.999)),
+                     include_dashboard=False, log_to_driver=True, configure_logging=False)
+        self.learner = ray.remote(_LearnerActor).options(**_resources(rt.learner)).remote(cfg)
+        rewards = [ray.remote(RewardWorker).options(**_resources(rt.reward)).remote(cfg.reward)
+                   for _ in range(rt.reward_workers)]
+        self.rewards = rewards
+        self.workers = [ray.remote(_RolloutActor).options(max_concurrency=4, **_resources(rt.rollout))
+                        .remote(cfg, i, RayRewards(rewards)) for i in range(rt.rollout_workers)]
+        self.engine = self._get(self.workers[0].engine_name.remote(), "rollout worker 0", 0)
+        self._turn = 0
+
+    # -- calls on the actors ----------------------------------------------------------------------
+    def _get(self, refs, role: str, step: int, timeout: float | None = None):
+        try:
+            return ray.get(refs, timeout=timeout)
+        except RayActorError as err:
+            raise RoleDied(f"{role} (Ray actor {getattr(err, 'actor_id', '?')}) died during step {step}: "
+                           f"{str(err).splitlines()[0]}") from err
+
+    def train(self, groups: list[list[Trajectory]], step: int):
+        return (self.learner.train.remote(groups), step)
+
+    def done(self, handle) -> bool:
+        ready, _ = ray.wait([handle[0]], timeout=0)
+        return bool(ready)
+
+    def result(self, handle) -> dict:
+        return self._get(handle[0], "learner", handle[1])
+
+    def publish(self, version: int, wait: bool) -> float:
+        """The learner's weights into the object store once, then to every worker as `version`."""
+        t0 = time.perf_counter()
+        state = self.learner.publishable.remote()
+        applied = [w.apply_weights.remote(state, version) for w in self.workers]
+        if wait:
+            timeout = self.cfg.rollout.weight_sync_timeout_s
+            try:
+                self._get(applied, "rollout worker", version, timeout=timeout)
+            except GetTimeoutError:
+                raise WeightSyncError(f"{self.engine} engine: weight update to version {version} did not finish "
+                                      f"within {timeout:g}s") from None
+        return time.perf_counter() - t0
+
+    def submit(self, specs: list[GroupSpec], lockstep: bool) -> None:
+        for worker, part in zip(self.workers, assign(specs, len(self.workers), self.cfg.async_.prompt_replication,
+                                                     self._turn)):
+            if part:
+                worker.submit.remote(part, lockstep)
+        self._turn += len(specs)
+
+    def poll(self, timeout: float, step: int) -> list[Trajectory]:
+        refs = [w.poll.remote(timeout / len(self.workers)) for w in self.workers]
+        out = []
+        for i, ref in enumerate(refs):
+            out.extend(self._get(ref, f"rollout worker {i}", step))
+        return out
+
+    def cancel(self, group_ids: list[int]) -> None:
+        for w in self.workers:
+            w.cancel.remote(group_ids)
+
+    def evaluate(self, specs: list[GroupSpec], version: int) -> list[Trajectory]:
+        return self._get(self.workers[0].evaluate.remote(specs, version), "rollout worker 0", version)
+
+    def save(self, ckpt_root: Path, step: int, state: dict, keep: int, files: dict[str, bytes]) -> Path:
+        return self._get(self.learner.save.remote(ckpt_root, step, state, keep, files), "learner", step)
+
+    def load(self, path: Path) -> dict:
+        return self._get(self.learner.load.remote(path), "learner", 0)
+
+    def close(self) -> None:
+        for actor in [*self.workers, *self.rewards, self.learner]:
+            ray.kill(actor)
+        if self._started:
+            ray.shutdown()
+
+
+def _resources(role) -> dict:
+    return {"num_cpus": role.num_cpus, "num_gpus": role.num_gpus}
