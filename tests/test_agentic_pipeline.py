@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config_dict
 
+from rollmill.checks import check_config
 from rollmill.config import ConfigError, config_from_dict
 from rollmill.envs import ENVS, register_env
 from rollmill.runtime import train
@@ -41,7 +42,7 @@ if "flaky_test" not in ENVS:
 
 @pytest.fixture
 def agentic(tmp_path):
-    """A tiny-model agentic config; keyword sections are merged over the defaults and validated."""
+    """A tiny-model agentic config; keyword sections are merged over the defaults, validated and checked."""
 
     def make(**sections):
         data = tiny_config_dict(
@@ -52,7 +53,7 @@ def agentic(tmp_path):
         )
         for key, value in sections.items():
             data[key] = {**data.get(key, {}), **value}
-        return config_from_dict({**data, "pipeline": "agentic"})
+        return check_config(config_from_dict({**data, "pipeline": "agentic"}))
 
     return make
 

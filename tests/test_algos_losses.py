@@ -20,10 +20,12 @@ from rollmill.algos.losses import (
     tis_weights,
     topr_loss,
 )
-from rollmill.config import AlgorithmConfig, TrainConfig
+from rollmill.checks import check_config
+from rollmill.config import AlgorithmConfig, ConfigError, RunConfig, TrainConfig
 from rollmill.models import build_char_tokenizer, build_tiny_model
 from rollmill.types import Row
 from rollmill.train import PolicyTrainer, build_batch
+from rollmill.train.trainer import loss_params
 
 
 def close(a, b, tol=1e-5):
@@ -315,18 +317,21 @@ def test_every_loss_param_is_a_config_field_or_trainer_input():
     for name, fn in POLICY_LOSSES.items():
         missing = set(loss_param_names(fn)) - set(AlgorithmConfig.model_fields) - TRAINER_INPUTS
         assert not missing, (name, missing)
-    assert AlgorithmConfig(dual_clip_c=3.0).loss_params() == {"clip_eps": 0.2, "clip_eps_high": None, "dual_clip_c": 3.0}
-    assert AlgorithmConfig(loss="gspo").loss_params() == {"gspo_eps_low": 3e-4, "gspo_eps_high": 4e-4}
+    assert loss_params(AlgorithmConfig(dual_clip_c=3.0)) == {"clip_eps": 0.2, "clip_eps_high": None, "dual_clip_c": 3.0}
+    assert loss_params(AlgorithmConfig(loss="gspo")) == {"gspo_eps_low": 3e-4, "gspo_eps_high": 4e-4}
 
 
 def test_config_rejects_params_the_selected_loss_ignores():
-    with pytest.raises(ValidationError, match="does not use \\['clip_eps'\\]"):
-        AlgorithmConfig(loss="gspo", clip_eps=0.3)
-    with pytest.raises(ValidationError, match="dual_clip_c"):
-        AlgorithmConfig(loss="cispo", dual_clip_c=3.0)
+    def check(**algorithm):
+        return check_config(RunConfig(algorithm=AlgorithmConfig(**algorithm)))
+
+    with pytest.raises(ConfigError, match="algorithm.loss = 'gspo': loss 'gspo' does not use \\['clip_eps'\\]"):
+        check(loss="gspo", clip_eps=0.3)
+    with pytest.raises(ConfigError, match="dual_clip_c"):
+        check(loss="cispo", dual_clip_c=3.0)
     with pytest.raises(ValidationError):
         AlgorithmConfig(dual_clip_c=0.5)  # c <= 1 would bound below the clipped surrogate itself
-    dumped = AlgorithmConfig(loss="cispo", cispo_eps_high=0.28).model_dump()
+    dumped = check(loss="cispo", cispo_eps_high=0.28).algorithm.model_dump()
     assert AlgorithmConfig.model_validate(dumped).cispo_eps_high == 0.28  # a dumped config reloads
 
 

@@ -3,6 +3,7 @@ import sys
 
 import pytest
 
+from rollmill.checks import check_config, load_run_config
 from rollmill.config import ConfigError, RunConfig, default_config_path, load_config, parse_override
 
 
@@ -41,9 +42,22 @@ def test_unknown_algorithm_lists_allowed_names():
 
 def test_unknown_reward_and_loss_names_are_rejected():
     with pytest.raises(ConfigError, match="first_integer"):
-        load_config(None, ["reward.functions=[{name: nope}]"])
+        load_run_config(None, ["reward.functions=[{name: nope}]"])
     with pytest.raises(ConfigError, match="ppo_clip"):
-        load_config(None, ["algorithm.loss=mystery"])
+        load_run_config(None, ["algorithm.loss=mystery"])
+
+
+def test_registry_checks_report_every_problem_by_key():
+    with pytest.raises(ConfigError) as err:
+        load_run_config(None, ["algorithm.loss=mystery", "reward.functions=[{name: nope}]", "env.name=frozenlak"])
+    lines = str(err.value).splitlines()
+    assert lines[0] == "invalid config:"
+    assert lines[1].startswith("  algorithm.loss = 'mystery': unknown policy loss 'mystery'; allowed: [")
+    assert lines[2].startswith("  reward.functions.0.name = 'nope': unknown reward function 'nope'; allowed: [")
+    assert lines[3].startswith("  env.name = 'frozenlak': unknown env 'frozenlak'; allowed: [")
+    cfg = load_config(None, ["algorithm.loss=mystery"])  # the config package alone knows no registry
+    with pytest.raises(ConfigError, match="algorithm.loss"):
+        check_config(cfg)
 
 
 def test_preset_fills_defaults_but_explicit_keys_win():
@@ -62,17 +76,30 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
         load_config(bad)
 
 
-def test_cli_rejects_bad_config_before_loading_a_model():
+@pytest.mark.parametrize("override,message", [
+    ("train.stepz=3", "allowed keys"),
+    ("algorithm.loss=nope", "unknown policy loss 'nope'"),
+])
+def test_cli_rejects_bad_config_before_loading_a_model(override, message):
     out = subprocess.run(
-        [sys.executable, "-m", "rollmill.cli", "train", "--set", "train.stepz=3"],
+        [sys.executable, "-m", "rollmill.cli", "train", "--set", override],
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 2
-    assert "train.stepz" in out.stderr and "allowed keys" in out.stderr
+    assert override.split("=")[0] in out.stderr and message in out.stderr
     assert "Loading weights" not in out.stderr
 
 
 def test_reward_kwargs_are_checked_against_the_function():
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["reward.functions=[{name: format, kwargs: {patern: x}}]"])
+        load_run_config(None, ["reward.functions=[{name: format, kwargs: {patern: x}}]"])
     assert "patern" in str(err.value) and "pattern" in str(err.value)
+
+
+def test_config_package_imports_no_other_rollmill_module():
+    # Registries import the config; the config importing them back would be a cycle.
+    code = "import sys, rollmill.config; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    outside = [m for m in out.stdout.split()
+               if m.startswith("rollmill.") and m != "rollmill.config" and not m.startswith("rollmill.config.")]
+    assert not outside

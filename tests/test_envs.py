@@ -359,3 +359,16 @@ def test_optional_adapters_say_how_to_install(monkeypatch):
         make_env("gem", env_id="game:Fake-v0")
     with pytest.raises(ImportError, match="pip install gymnasium"):
         make_env("gymnasium", env_id="FrozenLake-v1")
+
+
+def test_latency_env_waits_before_each_step_and_otherwise_is_the_inner_env():
+    import time
+
+    inner = make_env("guess_number", low=1, high=4)
+    env = make_env("latency", env="guess_number", env_kwargs={"low": 1, "high": 4}, median_s=0.05, sigma=0.0)
+    assert env.instructions == inner.instructions and env.reset(3) == inner.reset(3)
+    start = time.monotonic()
+    assert env.step("2") == inner.step("2")
+    assert time.monotonic() - start >= 0.05
+    with pytest.raises(ValueError, match="median_s >= 0"):
+        make_env("latency", env="guess_number", median_s=-1.0)

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rollmill.algos import ALGORITHMS
+from rollmill.checks import load_run_config
 from rollmill.cli import main
-from rollmill.config import load_config
+from rollmill.config.presets import ALGORITHMS
 
 PRESETS = sorted((Path(__file__).parent.parent / "examples" / "presets").glob("*.yaml"))
 TINY = [
@@ -24,7 +24,7 @@ def test_every_preset_has_an_example():
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_preset_trains_two_steps(path, tmp_path, make_job):
-    cfg = load_config(path, TINY + [f"log.run_root={tmp_path}"])
+    cfg = load_run_config(path, TINY + [f"log.run_root={tmp_path}"])
     for key, value in ALGORITHMS[path.stem].settings.items():
         assert getattr(cfg.algorithm, key) == value
     job = make_job(cfg, tmp_path / "run")

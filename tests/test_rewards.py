@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from rollmill.config import RewardConfig, RewardFn, TaskConfig
+from rollmill.checks import check_config
+from rollmill.config import RewardConfig, RewardFn, RunConfig, TaskConfig
 from rollmill.rewards import REWARDS, compute_rewards
 from rollmill.tasks import Example, load_task
 
@@ -177,7 +178,7 @@ def test_raising_reward_fails_only_its_sample(monkeypatch):
 
 def test_bad_kwargs_are_rejected_when_the_config_loads():
     with pytest.raises(ValueError, match=r"takes no argument \['nope'\]; allowed: \['ignore_case'\]"):
-        cfg(("exact_match", 1.0, {"nope": True}))
+        check_config(RunConfig(reward=cfg(("exact_match", 1.0, {"nope": True}))))
 
 
 def test_length_mismatch_is_a_caller_error():

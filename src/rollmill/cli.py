@@ -7,7 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-from rollmill.config import ConfigError, RunConfig, load_config
+from rollmill.checks import load_run_config
+from rollmill.config import ConfigError, RunConfig
+from rollmill.config.presets import ALGORITHMS
 from rollmill.sandbox.cli import add_sandbox_parser
 from rollmill.terminal import add_tasks_parser
 
@@ -31,7 +33,7 @@ def cmd_train(args) -> int:
     config_path = args.config
     if config_path is None and args.resume and args.run_dir and (Path(args.run_dir) / "config.yaml").is_file():
         config_path = Path(args.run_dir) / "config.yaml"
-    cfg = load_config(config_path, args.set)
+    cfg = load_run_config(config_path, args.set)
     from rollmill.pipelines.common import new_run_dir
     from rollmill.runtime import train
 
@@ -50,7 +52,7 @@ def cmd_eval(args) -> int:
 
     target = Path(args.target) if args.target else None
     run_dir = target if target is not None and target.is_dir() else None
-    cfg = load_config(run_dir / "config.yaml" if run_dir else target, args.set)
+    cfg = load_run_config(run_dir / "config.yaml" if run_dir else target, args.set)
     overrides = {k: v for k, v in (("n", args.n), ("temperature", args.temperature)) if v is not None}
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update=overrides)})
     checkpoint = None
@@ -93,7 +95,7 @@ def cmd_algos(args) -> int:
     import rollmill.algos as algos
 
     sections = [
-        ("presets (algorithm.name)", {k: p.description for k, p in algos.ALGORITHMS.items()}),
+        ("presets (algorithm.name)", {k: p.description for k, p in ALGORITHMS.items()}),
         ("advantage estimators (algorithm.advantage)", {**{k: _first_line(f) for k, f in algos.ADVANTAGES.items()},
                                                         **_EXTRA_ADVANTAGES}),
         ("policy losses (algorithm.loss)", {k: _first_line(f) for k, f in algos.POLICY_LOSSES.items()}),

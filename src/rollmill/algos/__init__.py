@@ -8,7 +8,6 @@ from rollmill.algos.advantages import ADVANTAGES, group_normalized_advantages
 from rollmill.algos.aggregation import LOSS_AGGREGATIONS, aggregate_loss
 from rollmill.algos.kl import KL_ESTIMATORS, kl_estimate
 from rollmill.algos.losses import POLICY_LOSSES, PolicyLossOutput, ppo_clip_loss
-from rollmill.algos.presets import ALGORITHMS, Preset
 
 # Estimators over token values need a critic, so they live outside the scalar ADVANTAGES registry.
 CRITIC_ADVANTAGES = ("gae",)
@@ -19,12 +18,10 @@ __all__ = [
     "ADVANTAGES",
     "ADVANTAGE_NAMES",
     "CRITIC_ADVANTAGES",
-    "ALGORITHMS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "POLICY_LOSSES",
     "PolicyLossOutput",
-    "Preset",
     "aggregate_loss",
     "group_normalized_advantages",
     "kl_estimate",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from rollmill.config.base import Strict
 
@@ -13,20 +13,14 @@ class EnvConfig(Strict):
     """A registered env (`rollmill envs` lists them) and its keyword arguments.
 
     Each step plays `rollout.prompts_per_step` env seeds, `rollout.group_size` episodes per seed;
-    held-out evaluation plays `eval_episodes` seeds that training never uses.
+    held-out evaluation plays `eval_episodes` seeds that training never uses. The name and the
+    kwargs are checked against the registry by `rollmill.checks.check_config`.
     """
 
     name: str = "frozenlake"
     kwargs: dict[str, Any] = {}
     eval_episodes: int = Field(32, gt=0, description="held-out episodes (one per eval seed)")
     step_timeout_s: float = Field(30.0, gt=0.0, description="a reset or step slower than this fails its episode")
-
-    @model_validator(mode="after")
-    def _known(self) -> "EnvConfig":
-        from rollmill.envs import check_env_kwargs
-
-        check_env_kwargs(self.name, self.kwargs)
-        return self
 
 
 class AgentConfig(Strict):

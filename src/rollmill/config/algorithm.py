@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rollmill.config.base import Strict
+from rollmill.config.presets import ALGORITHMS
 
 
 class AlgorithmConfig(Strict):
-    """The RL objective. Names are looked up in the `rollmill.algos` registries."""
+    """The RL objective. `name` is a preset (`rollmill.config.presets`); `advantage`, `loss`,
+    `loss_agg` and `kl_estimator` name entries of the `rollmill.algos` registries, which
+    `rollmill.checks.check_config` validates (the config package knows no registry)."""
 
     name: str = "grpo"
     advantage: str = "grpo"
@@ -23,7 +26,7 @@ class AlgorithmConfig(Strict):
     kl_placement: Literal["loss", "reward"] = Field("loss", description="KL as a loss term or as a reward penalty")
     kl_target: float | None = Field(None, gt=0.0, description="adapt kl_coef toward this KL (Ziegler); None = fixed")
     kl_horizon: int = Field(10000, gt=0, description="adaptive KL horizon, in samples")
-    # Critic (advantage "gae", the `ppo` preset): ALGORITHMS.md §2.1, ROLL's defaults.
+    # Critic (advantage "gae", the `ppo` preset): docs/algorithms.md §2.1, ROLL's defaults.
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="GAE discount")
     lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda")
     value_clip: float | None = Field(None, gt=0.0, description="clip new values to old +- this in the value loss; None = off")
@@ -62,49 +65,13 @@ class AlgorithmConfig(Strict):
     @classmethod
     def _fill_preset(cls, data: Any) -> Any:
         """Keys a preset sets are defaults: anything written explicitly in the config wins."""
-        from rollmill.algos import ALGORITHMS
-
         if isinstance(data, dict) and data.get("name", "grpo") in ALGORITHMS:
             return {**ALGORITHMS[data.get("name", "grpo")].settings, **data}
         return data
 
-    @field_validator("name", "advantage", "loss", "loss_agg", "kl_estimator")
+    @field_validator("name")
     @classmethod
-    def _registered(cls, value: str, info: ValidationInfo) -> str:
-        import rollmill.algos as algos
-
-        registry, what = _ALGO_REGISTRIES[info.field_name]
-        allowed = getattr(algos, registry)
-        if value not in allowed:
-            raise ValueError(f"unknown {what} {value!r}; allowed: {sorted(allowed)}")
-        return value
-
-    @model_validator(mode="after")
-    def _params_fit_loss(self) -> "AlgorithmConfig":
-        """A loss parameter changed from its default but not taken by the selected loss is an error."""
-        from rollmill.algos.losses import POLICY_LOSSES, loss_param_names
-
-        used = set(loss_param_names(POLICY_LOSSES[self.loss]))
-        every = {name for fn in POLICY_LOSSES.values() for name in loss_param_names(fn)} & set(type(self).model_fields)
-        ignored = sorted(n for n in every - used if getattr(self, n) != type(self).model_fields[n].default)
-        if ignored:
-            raise ValueError(f"loss {self.loss!r} does not use {ignored}; it takes {sorted(used)}")
-        return self
-
-    def loss_params(self, **inputs: Any) -> dict[str, Any]:
-        """Keyword arguments for the selected loss: each of its parameters from `inputs` (per-batch
-        tensors the trainer holds, e.g. behaviour_logp) or else from the field of the same name."""
-        from rollmill.algos.losses import POLICY_LOSSES, loss_param_names
-
-        names = loss_param_names(POLICY_LOSSES[self.loss])
-        return {n: inputs[n] if n in inputs else getattr(self, n) for n in names}
-
-
-# algorithm field -> (registry in rollmill.algos, what to call it in errors)
-_ALGO_REGISTRIES = {
-    "name": ("ALGORITHMS", "algorithm"),
-    "advantage": ("ADVANTAGE_NAMES", "advantage estimator"),
-    "loss": ("POLICY_LOSSES", "policy loss"),
-    "loss_agg": ("LOSS_AGGREGATIONS", "loss aggregation"),
-    "kl_estimator": ("KL_ESTIMATORS", "KL estimator"),
-}
+    def _known_preset(cls, name: str) -> str:
+        if name not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {name!r}; allowed: {sorted(ALGORITHMS)}")
+        return name

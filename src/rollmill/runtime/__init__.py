@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rollmill.checks import check_config
 from rollmill.config import RunConfig
 from rollmill.runtime.loop import TrainResult, run_job
 from rollmill.runtime.rl import RLJob
@@ -27,12 +28,14 @@ def roles_for(cfg: RunConfig):
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
     """Train per `cfg` into `run_dir` (continuing from its latest checkpoint with `resume`)."""
+    cfg = check_config(cfg)
     return run_job(RLJob(cfg, run_dir, roles_for(cfg)), cfg, run_dir, resume)
 
 
 def evaluate(cfg: RunConfig, checkpoint: Path | None = None) -> tuple[dict, int]:
     """Held-out metrics of `checkpoint`'s weights (the initial ones when None) on one rollout worker;
     returns them with the number of held-out prompts or episodes."""
+    cfg = check_config(cfg)
     from rollmill.models import load_model
     from rollmill.pipelines import PIPELINES
     from rollmill.runtime.worker import RolloutWorker

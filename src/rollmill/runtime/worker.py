@@ -20,7 +20,7 @@ from rollmill.config import RunConfig
 from rollmill.models import load_model
 from rollmill.pipelines import PIPELINES, EpisodeContext
 from rollmill.rollout import build_engine
-from rollmill.rollout.driver import EngineDriver
+from rollmill.rollout.driver import DriverStats, EngineDriver
 from rollmill.runtime.rewards import LocalRewards
 from rollmill.types import GroupSpec, Trajectory
 
@@ -84,6 +84,10 @@ class RolloutWorker:
     def evaluate(self, specs: list[GroupSpec], min_version: int) -> list[Trajectory]:
         """Play the held-out `specs` in lockstep once the engine serves `min_version` or later."""
         return self._call(self._samples.evaluate(specs, min_version)).result()
+
+    def stats(self) -> DriverStats:
+        """The engine driver's counters: engine steps and busy time, partial rollouts continued."""
+        return self._samples.driver.stats
 
     def close(self) -> None:
         self._call(self._samples.shutdown()).result(timeout=30)

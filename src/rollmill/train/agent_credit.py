@@ -55,7 +55,7 @@ def progress_values(traj: Trajectory) -> list[float]:
     """R_0..R_n for TurningPoint credit: the env's progress estimates, carried forward where missing.
 
     Without any estimate the sequence is flat until the outcome (R_n = 1 on success), which
-    reduces TurningPoint to outcome credit (ALGORITHMS.md §4.4).
+    reduces TurningPoint to outcome credit (docs/algorithms.md §4.4).
     """
     values = [traj.initial_progress if traj.initial_progress is not None else 0.0]
     for turn in traj.turns:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from rollmill.algos import POLICY_LOSSES, aggregate_loss, kl_estimate
 from rollmill.algos.agentic import segment_log_ratio, segment_mismatch_mask
-from rollmill.algos.losses import mismatch_mask, tis_weights
+from rollmill.algos.losses import loss_param_names, mismatch_mask, tis_weights
 from rollmill.config import AlgorithmConfig, TrainConfig
 from rollmill.train.batch import TrainBatch
 from rollmill.train.logprobs import completion_logprobs
@@ -34,6 +35,13 @@ def lr_lambda(cfg: TrainConfig):
         return 1.0
 
     return factor
+
+
+def loss_params(algo: AlgorithmConfig, **inputs: Any) -> dict[str, Any]:
+    """Keyword arguments for the selected loss: each of its parameters from `inputs` (per-batch
+    tensors the trainer holds, e.g. behaviour_logp) or else from the algorithm field of the same name."""
+    names = loss_param_names(POLICY_LOSSES[algo.loss])
+    return {n: inputs[n] if n in inputs else getattr(algo, n) for n in names}
 
 
 class PolicyTrainer:
@@ -158,7 +166,7 @@ class PolicyTrainer:
             loss_logp = logp
             if self.segment_ratio and micro.segments is not None:
                 loss_logp = old + segment_log_ratio(logp, old, micro.segments, micro.mask)
-            params = self.algo.loss_params(behaviour_logp=micro.behaviour_logprobs)
+            params = loss_params(self.algo, behaviour_logp=micro.behaviour_logprobs)
             out = self.loss_fn(loss_logp, old, micro.token_advantages, mask=micro.mask, **params)
             token_loss = out.token_loss
             if self.algo.tis_cap is not None:

@@ -1,8 +1,9 @@
 """Named recipes: `algorithm.name: dapo` fills the algorithm section's defaults in one line.
 
-A preset only sets keys of the `algorithm` section; settings of other sections that a recipe
-relies on (DAPO's dynamic sampling and overlong shaping live in `filters`) are written in its
-example YAML under `examples/presets/`.
+Presets are config defaults, so they live with the config: the names they set (advantage, loss,
+...) are registry names that `rollmill.checks` validates. A preset only sets keys of the
+`algorithm` section; settings of other sections that a recipe relies on (DAPO's dynamic sampling
+and overlong shaping live in `filters`) are written in its example YAML under `examples/presets/`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Preset:
+    """A recipe: a one-line description (`rollmill algos`) and the `algorithm` keys it defaults."""
+
     description: str
     settings: dict = field(default_factory=dict)
 

@@ -1,0 +1,78 @@
+"""The config checks that need a registry: algorithm names and loss parameters, reward functions, envs.
+
+`rollmill.config` knows no registry (the env registry imports the config, so the config importing it
+back would be a cycle); this module sits above both. `load_run_config` is `load_config` plus these
+checks, and `rollmill.runtime` runs them again, so a bad name fails before any model loads.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Iterator
+
+from rollmill.algos import ADVANTAGE_NAMES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+from rollmill.algos.losses import loss_param_names
+from rollmill.config import AlgorithmConfig, ConfigError, EnvConfig, RewardConfig, RunConfig, load_config
+from rollmill.envs import ENVS, check_env_kwargs
+from rollmill.rewards import REWARDS
+
+Problem = tuple[str, Any, str]  # (dotted key, its value, what is wrong and what is allowed)
+
+# algorithm field -> (its registry, what to call it in errors)
+_ALGO_REGISTRIES = {
+    "advantage": (ADVANTAGE_NAMES, "advantage estimator"),
+    "loss": (POLICY_LOSSES, "policy loss"),
+    "loss_agg": (LOSS_AGGREGATIONS, "loss aggregation"),
+    "kl_estimator": (KL_ESTIMATORS, "KL estimator"),
+}
+
+
+def check_config(cfg: RunConfig) -> RunConfig:
+    """Return `cfg` if every registry name in it exists and takes the arguments given, else raise
+    ConfigError listing every problem, each naming the key, its value and what is allowed."""
+    problems = [*_algorithm_problems(cfg.algorithm), *_reward_problems(cfg.reward), *_env_problems(cfg.env)]
+    if problems:
+        # the shape of load_config's errors, so both read the same
+        raise ConfigError("invalid config:\n  " + "\n  ".join(f"{key} = {value!r}: {msg}" for key, value, msg in problems))
+    return cfg
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """`load_config` (YAML, overrides, validation) followed by `check_config`."""
+    return check_config(load_config(path, overrides))
+
+
+def _algorithm_problems(algo: AlgorithmConfig) -> Iterator[Problem]:
+    for field, (registry, what) in _ALGO_REGISTRIES.items():
+        value = getattr(algo, field)
+        if value not in registry:
+            yield f"algorithm.{field}", value, f"unknown {what} {value!r}; allowed: {sorted(registry)}"
+    if algo.loss not in POLICY_LOSSES:
+        return
+    # A loss parameter changed from its default but not taken by the selected loss would silently do nothing.
+    fields = type(algo).model_fields
+    used = set(loss_param_names(POLICY_LOSSES[algo.loss]))
+    every = {name for fn in POLICY_LOSSES.values() for name in loss_param_names(fn)} & set(fields)
+    ignored = sorted(n for n in every - used if getattr(algo, n) != fields[n].default)
+    if ignored:
+        yield "algorithm.loss", algo.loss, f"loss {algo.loss!r} does not use {ignored}; it takes {sorted(used)}"
+
+
+def _reward_problems(reward: RewardConfig) -> Iterator[Problem]:
+    for i, fn in enumerate(reward.functions):
+        if fn.name not in REWARDS:
+            yield f"reward.functions.{i}.name", fn.name, f"unknown reward function {fn.name!r}; allowed: {sorted(REWARDS)}"
+            continue
+        params = list(inspect.signature(REWARDS[fn.name]).parameters)[2:]  # after (completion, example)
+        unknown = sorted(set(fn.kwargs) - set(params))
+        if unknown:
+            yield (f"reward.functions.{i}.kwargs", fn.kwargs,
+                   f"reward {fn.name!r} takes no argument {unknown}; allowed: {params}")
+
+
+def _env_problems(env: EnvConfig) -> Iterator[Problem]:
+    try:
+        check_env_kwargs(env.name, env.kwargs)
+    except ValueError as err:
+        yield ("env.name", env.name, str(err)) if env.name not in ENVS else ("env.kwargs", env.kwargs, str(err))
