@@ -2,9 +2,10 @@
 
 Two workloads with a long tail, each trained for the same wall-clock budget per mode:
 - **agentic**: guess-the-number episodes whose env steps take a lognormal time (the `latency` env:
-  median 0.5 s, sigma 1.0, so one step in a hundred takes over 5 s);
-- **rlvr**: "which number is larger?" with a 128-token budget, where SmolLM2's replies run from
-  2 tokens to the cap (a heavy-tailed length distribution).
+  median 2 s, sigma 1.0, so one step in a hundred takes over 20 s), as tool calls and sandboxed
+  commands do;
+- **rlvr**: "which number is larger?" with a 256-token budget, where SmolLM2's replies run from
+  2 tokens to the cap (median ~40: a heavy-tailed length distribution).
 
 Modes: `sync` (max_staleness 0, lockstep: the baseline), `k1`, `k2` (bounded staleness, env-level
 asynchrony, partial rollouts), and for the agentic workload `redundant` (synchronous weights, but
@@ -46,6 +47,7 @@ def workload(name: str, mode: str, args, run_root: str):
         "log": {"run_root": run_root, "progress": False, "tensorboard": False, "samples_per_step": 0},
         "checkpoint": {"every": 0},
         "train": {"steps": 10_000, "lr": 1e-5, "micro_batch_size": 8, "seed": args.seed},
+        "algorithm": {"track_kl": False},  # no reference forward: the comparison is about scheduling
         "async": MODES[mode],
     }
     if name == "agentic":
@@ -62,8 +64,8 @@ def workload(name: str, mode: str, args, run_root: str):
         **common, "name": f"bench-rlvr-{mode}",
         "task": {"source": "arithmetic", "name": "larger_of_two", "eval_size": 64},
         "reward": {"functions": [{"name": "first_integer"}]},
-        "rollout": {"prompts_per_step": 4, "group_size": 8, "sampling": {"temperature": 1.0, "max_new_tokens": 128}},
-        "algorithm": {"track_kl": False},
+        "rollout": {"prompts_per_step": 4, "group_size": 8,
+                    "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens}},
         "eval": {"temperature": 0.0, "max_new_tokens": 16},
     })
 
@@ -107,7 +109,8 @@ def main() -> None:
     parser.add_argument("--workloads", default="agentic,rlvr")
     parser.add_argument("--modes", default="sync,k1,k2,redundant")
     parser.add_argument("--budget-s", type=float, default=300.0, help="training wall time per mode")
-    parser.add_argument("--median-s", type=float, default=0.5, help="agentic: median env step latency")
+    parser.add_argument("--median-s", type=float, default=2.0, help="agentic: median env step latency")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="rlvr: the reply budget (the tail's length)")
     parser.add_argument("--sigma", type=float, default=1.0, help="agentic: lognormal spread of the latency")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

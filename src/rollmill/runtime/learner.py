@@ -8,7 +8,6 @@ weights, optimizer, LR schedule, reference model, critic, KL coefficient, runnin
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 
 import torch
@@ -24,8 +23,6 @@ from rollmill.train.consistency import check_logprob_gap
 from rollmill.train.critic import CriticTrainer
 from rollmill.train.kl_control import KLControl
 from rollmill.types import Trajectory
-
-log = logging.getLogger(__name__)
 
 
 def effective_algorithm(cfg: RunConfig):

@@ -10,7 +10,6 @@ safe to call from any thread.
 from __future__ import annotations
 
 import asyncio
-import logging
 import queue
 import threading
 import time
@@ -23,8 +22,6 @@ from rollmill.rollout import build_engine
 from rollmill.rollout.driver import DriverStats, EngineDriver
 from rollmill.runtime.rewards import LocalRewards
 from rollmill.types import GroupSpec, Trajectory
-
-log = logging.getLogger(__name__)
 
 
 class WorkerFailure(RuntimeError):
