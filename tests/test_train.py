@@ -3,8 +3,8 @@ import torch
 
 from rollmill.config import AlgorithmConfig, TrainConfig
 from rollmill.models import build_char_tokenizer, build_tiny_model
-from rollmill.types import Row
 from rollmill.train import PolicyTrainer, build_batch, completion_logprobs
+from rollmill.types import Row
 
 
 def completion(prompt, tokens, lps=None):
@@ -146,3 +146,29 @@ def test_long_completions_split_into_several_packed_sequences(monkeypatch):
         split = completion_logprobs(model, batch)[0]
         monkeypatch.setattr(logprobs, "PACK_TOKENS", 1024)
         assert torch.allclose(split, completion_logprobs(model, batch)[0], atol=1e-5)
+
+
+def test_truncated_is_in_a_single_pass_costs_no_extra_forward(monkeypatch):
+    """TIS weights need the pre-update log-probs, which a single pass already holds (detached): the
+    trainer must not recompute them in a separate forward, and must use them (weights below 1 bite)."""
+    import rollmill.train.trainer as trainer_module
+
+    tok = build_char_tokenizer()
+    calls = []
+    forward = trainer_module.completion_logprobs
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("with_entropy", False))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "completion_logprobs", counted)
+    losses = {}
+    for cap in (None, 0.5):
+        model = build_tiny_model(len(tok), seed=0)
+        batch = random_batch(len(tok))
+        batch.behaviour_logprobs = batch.behaviour_logprobs * 0 - 0.01  # the engine was far more confident
+        calls.clear()
+        trainer = PolicyTrainer(model, TrainConfig(micro_batch_size=3), AlgorithmConfig(tis_cap=cap))
+        losses[cap] = trainer.step(batch)["loss"]
+        assert calls == [True, True]  # two micro-batches of the update, no separate old-log-prob forward
+    assert losses[0.5] != losses[None]

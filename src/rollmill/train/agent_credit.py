@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from rollmill.types import Trajectory
 from rollmill.algos.agentic import (
     balance_turning_points,
     gigpo_advantages,
@@ -18,6 +17,7 @@ from rollmill.algos.agentic import (
 )
 from rollmill.config import AgentConfig
 from rollmill.train.advantages import AdvantageComputer
+from rollmill.types import Trajectory
 
 
 def turn_advantages(trajs: list[Trajectory], agent: AgentConfig, scalar: AdvantageComputer,

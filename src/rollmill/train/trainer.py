@@ -93,8 +93,10 @@ class PolicyTrainer:
         `ref_logp` reuses reference log-probs the caller already computed (reward-side KL)."""
         mini = self.cfg.mini_batch_size or batch.size
         by_segment = self.segment_mismatch_bound is not None and batch.segments is not None
-        corrects_mismatch = self.algo.tis_cap is not None or self.algo.mismatch_ratio_bounds is not None or by_segment
-        single_pass = self.cfg.ppo_epochs == 1 and mini >= batch.size and not corrects_mismatch
+        # Filters that drop tokens before the update need the old log-probs up front; truncated IS
+        # weights do not: they are computed per micro-batch from the old log-probs at hand.
+        filters_mismatch = self.algo.mismatch_ratio_bounds is not None or by_segment
+        single_pass = self.cfg.ppo_epochs == 1 and mini >= batch.size and not filters_mismatch
         self._timings = defaultdict(float)
         t0 = time.perf_counter()
         # With a single pass the detached current log-probs ARE the recomputed old ones: skip a forward.
