@@ -58,8 +58,9 @@ def main() -> None:
     for backend in ("local", "ray"):
         steps = step_times(backend, args)
         med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
+        every = ", ".join(f"{s['step']:.2f}" for s in steps)
         print(f"{backend:<6} step {med['step']:6.2f} s  (rollout {med['rollout']:.2f}, update {med['train']:.2f}, "
-              f"weight sync {med['sync']:.2f}); every step: {', '.join(f'{s['step']:.2f}' for s in steps)}")
+              f"weight sync {med['sync']:.2f}); every step: {every}")
         fields.update({f"{backend}_step_s": round(med["step"], 3), f"{backend}_sync_s": round(med["sync"], 3)})
     fields["ray_over_local"] = round(fields["ray_step_s"] / fields["local_step_s"], 3)
     print("RESULT " + " ".join(f"{k}={v}" for k, v in fields.items()))
