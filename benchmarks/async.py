@@ -9,7 +9,8 @@ Two workloads with a long tail, each trained for the same wall-clock budget per 
 
 Modes: `sync` (max_staleness 0, lockstep: the baseline), `k1`, `k2` (bounded staleness, env-level
 asynchrony, partial rollouts), and for the agentic workload `redundant` (synchronous weights, but
-G + 2 episodes per group, the first G to finish kept). For each: trained samples per second over the
+G + 2 episodes per group, the first G to finish kept). `k1_yield` and `k2_yield` are `k1` and `k2`
+with `runtime.rollout_yields` (rollout uses only the cores the learner leaves idle). For each: trained samples per second over the
 budget, the ratio to sync, held-out success/accuracy after the budget, and where the time went (the
 learner's wait for data, its update time, the engine's busy time).
 
@@ -33,11 +34,14 @@ from rollmill.config import config_from_dict
 from rollmill.runtime.local import LocalRoles
 from rollmill.runtime.rl import RLJob
 
-MODES = {
-    "sync": {"max_staleness": 0},
-    "k1": {"max_staleness": 1},
-    "k2": {"max_staleness": 2},
-    "redundant": {"max_staleness": 0, "redundant_episodes": 2},
+MODES = {  # mode -> (async section, runtime section)
+    "sync": ({"max_staleness": 0}, {}),
+    "k1": ({"max_staleness": 1}, {}),
+    "k2": ({"max_staleness": 2}, {}),
+    "redundant": ({"max_staleness": 0, "redundant_episodes": 2}, {}),
+    # rollout's compute at the lowest OS priority: it takes only the cores the learner leaves idle
+    "k1_yield": ({"max_staleness": 1}, {"rollout_yields": True}),
+    "k2_yield": ({"max_staleness": 2}, {"rollout_yields": True}),
 }
 
 
@@ -48,7 +52,8 @@ def workload(name: str, mode: str, args, run_root: str):
         "checkpoint": {"every": 0},
         "train": {"steps": 10_000, "lr": 1e-5, "micro_batch_size": 8, "seed": args.seed},
         "algorithm": {"track_kl": False},  # no reference forward: the comparison is about scheduling
-        "async": MODES[mode],
+        "async": MODES[mode][0],
+        "runtime": MODES[mode][1],
     }
     if name == "agentic":
         return config_from_dict({

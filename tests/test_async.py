@@ -4,6 +4,7 @@ partial rollouts, the off-policy correction, checkpoints with samples in flight)
 
 import asyncio
 import itertools
+import os
 import time
 
 import pytest
@@ -301,3 +302,30 @@ def test_reference_configs_also_run_asynchronously(tmp_path):
     for name in CONFIGS:
         out = run(name, tmp_path / name, **{"async": {"max_staleness": 1}})
         assert [m["step"] for m in out["metrics"]] == [0, 1, 2, 3]
+
+
+def test_each_role_runs_its_own_thread_count_and_rollout_can_yield_the_cores(tmp_path, monkeypatch):
+    """Thread counts and niceness are per thread: the engine's thread and the learner's each set their own."""
+    seen = {"engine": set(), "learner": set()}
+    step, learn = HFEngine.step, Learner.train
+
+    def spy_step(self):
+        seen["engine"].add((torch.get_num_threads(), os.getpriority(os.PRIO_PROCESS, 0)))
+        return step(self)
+
+    def spy_train(self, groups):
+        out = learn(self, groups)
+        seen["learner"].add((torch.get_num_threads(), os.getpriority(os.PRIO_PROCESS, 0)))
+        return out
+
+    monkeypatch.setattr(HFEngine, "step", spy_step)
+    monkeypatch.setattr(Learner, "train", spy_train)
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    runtime = {"learner": {"threads": 2}, "rollout": {"threads": 1}, "rollout_yields": True}
+    try:
+        train(agentic_cfg(tmp_path, **{"async": {"max_staleness": 1}}, train={"steps": 2}, runtime=runtime),
+              tmp_path / "run")
+    finally:
+        torch.set_num_threads(1)  # setting a count anywhere also sets the default of threads started later
+    assert seen == {"engine": {(1, min(19, nice + 19))}, "learner": {(2, nice)}}
+    assert (torch.get_num_threads(), os.getpriority(os.PRIO_PROCESS, 0)) == (1, nice)  # the caller's are left alone

@@ -15,6 +15,7 @@ from rollmill.runtime.ray import RayRoles, RoleDied  # noqa: E402
 from rollmill.runtime.rl import RLJob  # noqa: E402
 
 pytestmark = pytest.mark.slow
+ONE_THREAD = {"learner": {"threads": 1}, "rollout": {"threads": 1}}  # as the recorded run; Ray actors default to every core
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def test_sync_run_on_ray_actors_equals_the_local_run(ray_head, tmp_path, monkeyp
         close(self)
 
     monkeypatch.setattr(RayRoles, "close", record_then_close)
-    new = run("rlvr", tmp_path / "run", runtime={"backend": "ray", "reward_workers": 2}, train={"threads": 1})
+    new = run("rlvr", tmp_path / "run", runtime={"backend": "ray", "reward_workers": 2, **ONE_THREAD})
     pids = [processes["driver"], processes["learner"], processes["rollout"], *processes["rewards"]]
     assert len(set(pids)) == 5
     assert_close(new["samples"], REFERENCE["rlvr"]["samples"], "samples")
@@ -50,7 +51,7 @@ def test_sync_run_on_ray_actors_equals_the_local_run(ray_head, tmp_path, monkeyp
 
 
 def test_killing_the_rollout_actor_mid_step_names_the_actor_and_the_step(ray_head, tiny_cfg, tmp_path, monkeypatch):
-    cfg = tiny_cfg(runtime={"backend": "ray"}, train={"steps": 3, "threads": 1}, eval={"before": False, "every": 0})
+    cfg = tiny_cfg(runtime={"backend": "ray", **ONE_THREAD}, train={"steps": 3}, eval={"before": False, "every": 0})
     poll = RayRoles.poll
 
     def kill_during_step_2(self, timeout, step):
@@ -82,7 +83,7 @@ def test_async_run_on_ray_keeps_the_staleness_bound(ray_head, tiny_cfg, tmp_path
     from rollmill.runtime import train
     from rollmill.track import read_jsonl
 
-    cfg = tiny_cfg(runtime={"backend": "ray"}, train={"steps": 4, "threads": 1}, eval={"before": False, "every": 0},
+    cfg = tiny_cfg(runtime={"backend": "ray", **ONE_THREAD}, train={"steps": 4}, eval={"before": False, "every": 0},
                    **{"async": {"max_staleness": 1}})
     train(cfg, tmp_path / "run")
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]

@@ -162,7 +162,6 @@ class TrainConfig(Strict):
     mini_batch_size: int | None = Field(None, gt=0, description="sequences per optimizer step; None = whole batch")
     micro_batch_size: int = Field(8, gt=0, description="sequences per forward/backward")
     seed: int = 0
-    threads: int | None = Field(None, gt=0, description="torch threads; None = all cores")
 
 
 class CheckpointConfig(Strict):

@@ -49,10 +49,13 @@ class AsyncConfig(Strict):
 
 
 class RoleResources(Strict):
-    """What one Ray actor of a role asks for (ignored by the local backend)."""
+    """What one actor of a role asks Ray for (`num_cpus`, `num_gpus`), and the torch threads its compute
+    uses on either backend (`threads`)."""
 
-    num_cpus: float = Field(1.0, ge=0.0)
-    num_gpus: float = Field(0.0, ge=0.0)
+    num_cpus: float = Field(1.0, ge=0.0, description="Ray scheduling only")
+    num_gpus: float = Field(0.0, ge=0.0, description="Ray scheduling only")
+    threads: int | None = Field(None, gt=0, description="torch threads for this role's compute; None = the "
+                                                        "process's setting (every core; on Ray, the node's cores)")
 
 
 class RuntimeConfig(Strict):
@@ -66,6 +69,9 @@ class RuntimeConfig(Strict):
     rollout: RoleResources = RoleResources()
     reward: RoleResources = RoleResources(num_cpus=0.0)
     poll_s: float = Field(0.05, gt=0.0, description="how often the driver collects finished samples")
+    rollout_yields: bool = Field(False, description="run rollout's compute threads at the lowest OS priority, so "
+                                                    "that on cores it shares with the learner it uses only what the "
+                                                    "learner leaves idle (docs/architecture.md, \"Threads\")")
 
     @model_validator(mode="after")
     def _ray_needs_ray(self) -> RuntimeConfig:

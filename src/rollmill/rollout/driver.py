@@ -19,6 +19,7 @@ Two policies live here:
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -76,16 +77,27 @@ class DriverStats:
     weight_updates: int = 0
 
 
+def _engine_thread(threads: int | None, low_priority: bool) -> None:
+    """Set up the thread every engine call runs in. Torch thread counts and Linux niceness are per
+    thread, and the compute threads torch starts from this one inherit both."""
+    if threads:
+        torch.set_num_threads(threads)
+    if low_priority:
+        os.nice(19)
+
+
 class EngineDriver:
     """Serves `generate` coroutines from one engine; create it inside the event loop it serves."""
 
-    def __init__(self, engine: Engine, partial: str = "continue"):
+    def __init__(self, engine: Engine, partial: str = "continue", threads: int | None = None,
+                 low_priority: bool = False):
         if partial not in PARTIAL_MODES:
             raise ValueError(f"partial rollout mode {partial!r}; allowed: {PARTIAL_MODES}")
         self.engine = engine
         self.partial = partial
         self.stats = DriverStats()
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{getattr(engine, 'name', 'x')}")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{getattr(engine, 'name', 'x')}",
+                                          initializer=_engine_thread, initargs=(threads, low_priority))
         self._pending: dict[Hashable, _Pending] = {}
         self._outbox: list[Request] = []  # requests to hand to the engine at the next step
         self._aborts: set = set()  # requests to stop at the next step (their episodes were cancelled)

@@ -47,8 +47,7 @@ class Learner:
     """Owns the policy being trained and applies one update per batch of groups."""
 
     def __init__(self, cfg: RunConfig):
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        self.threads = cfg.runtime.learner.threads or torch.get_num_threads()
         seed_everything(cfg.train.seed)
         self.cfg = cfg
         self.pipeline = PIPELINES[cfg.pipeline]
@@ -69,6 +68,7 @@ class Learner:
     def train(self, groups: list[list[Trajectory]]) -> dict[str, float]:
         """One update on `groups` (group-major); the weights become version `self.version + 1` (also
         with no groups: the step then changes nothing). Reports how stale the oldest trained token was."""
+        torch.set_num_threads(self.threads)  # per thread: the local backend trains in a thread of its own
         if not groups:
             self.version += 1
             return {}

@@ -37,13 +37,10 @@ class RoleDied(RuntimeError):
     """An actor of the run died; the message names the role, the actor and the step."""
 
 
-def _threads(cfg: RunConfig) -> int:
-    return cfg.train.threads or os.cpu_count() or 1
-
-
 class _LearnerActor(Learner):
     def __init__(self, cfg: RunConfig):
-        torch.set_num_threads(_threads(cfg))  # Ray caps an actor's threads at its CPUs; the run says how many
+        # Ray caps an actor's threads at its num_cpus; the run says how many (every core by default)
+        torch.set_num_threads(cfg.runtime.learner.threads or os.cpu_count() or 1)
         super().__init__(cfg)
 
     def publishable(self) -> dict[str, torch.Tensor]:
@@ -53,7 +50,7 @@ class _LearnerActor(Learner):
 
 class _RolloutActor(RolloutWorker):
     def __init__(self, cfg: RunConfig, worker_id: int, rewards):
-        torch.set_num_threads(_threads(cfg))
+        torch.set_num_threads(cfg.runtime.rollout.threads or os.cpu_count() or 1)
         super().__init__(cfg, worker_id, rewards)
 
     def apply_weights(self, state, version: int) -> None:

@@ -15,6 +15,8 @@ import threading
 import time
 from concurrent.futures import Future
 
+import torch
+
 from rollmill.config import RunConfig
 from rollmill.models import load_model
 from rollmill.pipelines import PIPELINES, EpisodeContext
@@ -38,6 +40,8 @@ class RolloutWorker:
         self.engine = build_engine(cfg.rollout, model, self.tokenizer)
         self.rewards = rewards or LocalRewards(cfg.reward, cfg.runtime.reward_workers)
         self.episodes = PIPELINES[cfg.pipeline].episodes(cfg, self.tokenizer)
+        # the engine's thread sets its count explicitly: a new thread takes whatever count was set last
+        self.threads = cfg.runtime.rollout.threads or torch.get_num_threads()
         self._outbox: queue.Queue = queue.Queue()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"rollout-{worker_id}", daemon=True)
@@ -106,7 +110,9 @@ class _Samples:
 
     @classmethod
     async def start(cls, worker: RolloutWorker) -> _Samples:
-        return cls(worker, EngineDriver(worker.engine, worker.cfg.async_.partial_rollout))
+        cfg = worker.cfg
+        return cls(worker, EngineDriver(worker.engine, cfg.async_.partial_rollout, worker.threads,
+                                        cfg.runtime.rollout_yields))
 
     def launch(self, specs: list[GroupSpec], lockstep: bool) -> None:
         members = [(s.group_id, i) for s in specs for i in s.indices]
