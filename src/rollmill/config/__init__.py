@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rollmill.config.agent import AgentConfig, EnvConfig
 from rollmill.config.algorithm import AlgorithmConfig
 from rollmill.config.base import Strict
-from rollmill.config.runtime import AsyncConfig, RuntimeConfig
+from rollmill.config.runtime import AsyncConfig, RuntimeConfig, TailBatchingConfig
 
 
 class TinyModelConfig(Strict):
@@ -207,6 +207,22 @@ class RunConfig(Strict):
     agent: AgentConfig = AgentConfig()
     async_: AsyncConfig = Field(AsyncConfig(), alias="async")
     runtime: RuntimeConfig = RuntimeConfig()
+    tail_batching: TailBatchingConfig = TailBatchingConfig()
+
+    @model_validator(mode="after")
+    def _tail_batching_fits(self) -> "RunConfig":
+        if not self.tail_batching.enabled:
+            return self
+        a = self.async_
+        if a.max_staleness > 0:
+            raise ValueError("tail_batching.enabled runs with synchronous training for now: set async.max_staleness "
+                             "to 0 (tail batching under bounded staleness is not built yet)")
+        if a.redundant_episodes or a.extra_groups:
+            raise ValueError("tail_batching sets the over-provisioning itself (tail_batching.prompt_factor, "
+                             "sample_factor): leave async.redundant_episodes and async.extra_groups at 0")
+        if a.env_async is False:
+            raise ValueError("tail_batching needs each sample to finish on its own: leave async.env_async unset or true")
+        return self
 
     @model_validator(mode="after")
     def _agentic_supports(self) -> "RunConfig":

@@ -48,6 +48,18 @@ class AsyncConfig(Strict):
         return self
 
 
+class TailBatchingConfig(Strict):
+    """RollPacker's tail batching (docs/architecture.md, "Tail batching"): short rounds over-provision
+    and train what finishes first; the prompts they cut off wait in a long-prompt queue and train
+    together in a long round, with every sample run to the end."""
+
+    enabled: bool = False
+    prompt_factor: float = Field(1.25, ge=1.0, description="a short round launches ceil(prompts_per_step x this) "
+                                                            "prompts and trains the first prompts_per_step to complete")
+    sample_factor: float = Field(1.25, ge=1.0, description="a short round launches ceil(group_size x this) samples "
+                                                            "per prompt and keeps the first group_size to finish")
+
+
 class RoleResources(Strict):
     """What one actor of a role asks Ray for (`num_cpus`, `num_gpus`), and the torch threads its compute
     uses on either backend (`threads`)."""
@@ -71,7 +83,7 @@ class RuntimeConfig(Strict):
     poll_s: float = Field(0.05, gt=0.0, description="how often the driver collects finished samples")
     rollout_yields: bool = Field(False, description="run rollout's compute threads at the lowest OS priority, so "
                                                     "that on cores it shares with the learner it uses only what the "
-                                                    "learner leaves idle (docs/architecture.md, \"Threads\")")
+                                                    "learner leaves idle (docs/architecture.md, \"Threads and shared cores\")")
 
     @model_validator(mode="after")
     def _ray_needs_ray(self) -> RuntimeConfig:

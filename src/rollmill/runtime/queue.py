@@ -7,7 +7,9 @@ Everything that decides *which* samples train lives here, not in the rollout cal
   dropped the moment it completes, and a replacement is launched);
 - **the staleness bound**: a group trains only if its oldest sampled token is at most k versions
   behind the weights being updated; older groups are dropped (and replaced);
-- **how much may run ahead**: `capacity` says how many groups may start now.
+- **how much may run ahead**: `capacity` says how many groups may start now;
+- **tail batching** (synchronous): groups a short round cut off wait in the long-prompt queue
+  (`long`) until a long round takes them.
 
 Synchronous mode (k = 0) keeps the lockstep algorithm exactly: the driver launches a step's groups as
 one wave and refills in rounds (`refill`); asynchronous mode refills as each group is dropped.
@@ -15,7 +17,8 @@ one wave and refills in rounds (`refill`); asynchronous mode refills as each gro
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -57,6 +60,8 @@ class SampleQueue:
         self.spent = 0  # groups dropped this step that are not replaced (failures, refills used up)
         self.refills_left = self._refill_budget()
         self.counts: dict[str, float] = {}
+        self.tail = cfg.tail_batching.enabled
+        self.long: list[GroupSpec] = []  # prompts cut off by a short round, oldest first
 
     def _refill_budget(self) -> int:
         f = self.cfg.filters
@@ -64,8 +69,22 @@ class SampleQueue:
 
     # -- launching --------------------------------------------------------------------------------
     @property
+    def extra_samples(self) -> int:
+        """Samples launched per group beyond the G it keeps (redundant rollouts, or a short round's)."""
+        if self.tail:
+            return math.ceil(self.size * self.cfg.tail_batching.sample_factor) - self.size
+        return self.cfg.async_.redundant_episodes
+
+    @property
+    def extra_groups(self) -> int:
+        """Groups launched beyond those a step needs (`async.extra_groups`, or a short round's)."""
+        if self.tail:
+            return math.ceil(self.want * self.cfg.tail_batching.prompt_factor) - self.want
+        return self.cfg.async_.extra_groups
+
+    @property
     def samples_per_group(self) -> int:
-        return self.size + self.cfg.async_.redundant_episodes
+        return self.size + self.extra_samples
 
     def capacity(self, rollout_version: int, next_update: int) -> int:
         """Groups that may start now on weights `rollout_version` when the next update to take data is
@@ -73,7 +92,7 @@ class SampleQueue:
         so that many steps' worth (plus `async.extra_groups`), minus the groups in flight or waiting
         (they train first), minus this step's unreplaced drops."""
         steps = rollout_version + self.k - next_update + 1
-        budget = steps * self.want + self.cfg.async_.extra_groups
+        budget = steps * self.want + self.extra_groups
         return max(0, budget - len(self.inflight) - len(self.ready) - self.spent)
 
     def launched(self, specs: list[GroupSpec], version: int) -> None:
@@ -85,11 +104,11 @@ class SampleQueue:
         """Take one finished sample; return its group id when that group just completed (its other
         samples still running can be cancelled)."""
         group = self.inflight.get(traj.group_id)
-        if group is None:  # a straggler of a completed or dropped group
+        if group is None or self._earlier_attempt(traj, group):  # a straggler of a completed or dropped group
             self._count("async/discarded_samples")
             return None
         group.arrived += 1
-        if not (self.drop_failed and traj.failed) or self.cfg.async_.redundant_episodes == 0:
+        if not (self.drop_failed and traj.failed) or self.extra_samples == 0:
             group.trajs.append(traj)
         if len(group.trajs) < self.size and group.arrived < len(group.spec.indices):
             return None
@@ -119,6 +138,11 @@ class SampleQueue:
                 self.spent += 1
         else:
             self.ready[group.spec.group_id] = trajs
+
+    def _earlier_attempt(self, traj: Trajectory, group: _Group) -> bool:
+        """A sample of a deferred group's cut-off short-round run, arriving after the group was launched
+        again: synchronous workers sample with the launch weights, so its tokens are older than those."""
+        return self.k == 0 and traj.oldest_version is not None and traj.oldest_version < group.version
 
     def _shape(self, trajs: list[Trajectory]) -> None:
         """DAPO's soft overlong punishment, added to each sample's reward (docs/algorithms.md §2.14)."""
@@ -166,20 +190,34 @@ class SampleQueue:
         return data
 
     def abandon(self) -> list[int]:
-        """Forget the groups still in flight (a synchronous step that already has its groups); return their ids."""
+        """Stop the groups still in flight (a synchronous step that already has its groups); return their
+        ids. With tail batching they wait in the long-prompt queue, to be sampled again from scratch
+        with G samples; otherwise they are forgotten."""
         ids = list(self.inflight)
+        if self.tail:
+            self.long.extend(replace(g.spec, indices=tuple(range(self.size))) for g in self.inflight.values())
+            self._count("tail/deferred_prompts", len(ids))
+        else:
+            self._count("async/abandoned_groups", len(ids))
         self.inflight.clear()
-        self._count("async/abandoned_groups", len(ids))
         return ids
+
+    def long_round(self) -> list[GroupSpec]:
+        """The groups of a long round, oldest first, once the long-prompt queue holds a step's worth."""
+        if len(self.long) < self.want:
+            return []
+        specs, self.long = self.long[: self.want], self.long[self.want :]
+        return specs
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state(self) -> dict:
         """What a checkpoint keeps: ready groups as they are; groups in flight as specs to start again."""
-        return {"ready": self.ready, "restart": [g.spec for g in self.inflight.values()]}
+        return {"ready": self.ready, "restart": [g.spec for g in self.inflight.values()], "long": self.long}
 
     def load_state(self, state: dict) -> list[GroupSpec]:
-        """Restore ready groups; return the specs to launch again."""
+        """Restore ready groups and the long-prompt queue; return the specs to launch again."""
         self.ready = dict(state["ready"])
+        self.long = list(state.get("long", []))
         return list(state["restart"])
 
 

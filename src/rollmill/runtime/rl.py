@@ -4,6 +4,10 @@ Synchronous (`async.max_staleness: 0`): a step launches its groups as one wave w
 weights, waits for them (and for dynamic sampling's refill rounds), trains, and publishes the new
 weights before the next wave starts: the lockstep algorithm, sample for sample.
 
+Tail batching (synchronous, `tail_batching.enabled`): a short round launches more groups and samples
+than the step needs and trains the first to finish; the groups it cuts off wait in the queue's
+long-prompt queue, and once that holds a step's worth the next step is a long round over them.
+
 Asynchronous (k > 0): workers keep up to k + 1 steps' worth of groups in flight; the queue hands the
 learner the oldest ready groups within the staleness bound, and while the learner trains the driver
 keeps collecting and launching. Weights are published without waiting; workers load them between
@@ -43,6 +47,8 @@ class RLJob:
         self.queue = SampleQueue(cfg, self.pipeline.drop_failed_groups)
         self.roles = roles(cfg)
         self.sync = cfg.async_.max_staleness == 0
+        self.lockstep = cfg.async_.lockstep and not cfg.tail_batching.enabled  # short rounds keep the first to finish
+        self._long_round = False
         self.step = 0
         self.published = 0  # the weights version the rollout workers were last sent
         self._restart: list[GroupSpec] = []
@@ -78,6 +84,8 @@ class RLJob:
         if not self.sync:
             record.update(data.counts)
             record["async/groups_in_flight"] = float(len(self.queue.inflight))
+        if self.queue.tail:
+            record.update(self._tail_metrics(data))
         tokens = sum(t.sampled_tokens for t in trajs)
         record.update({"time/rollout_s": t_rollout, "time/train_s": t_train, "time/sync_s": t_sync,
                        "throughput/tokens_per_s": tokens / (t_rollout + t_train),
@@ -85,10 +93,24 @@ class RLJob:
         samples = [self.pipeline.sample_dump(trajs[i], self.tokenizer) for i in spread(len(trajs), self.cfg.log.samples_per_step)]
         return record, samples
 
+    def _tail_metrics(self, data: StepData) -> dict[str, float]:
+        """Which round this step was, what it deferred, and its response lengths (to compare round types)."""
+        lengths = sorted(t.sampled_tokens for g in data.groups for t in g) or [0]
+        return {"tail/long_round": float(self._long_round), "tail/long_queue": float(len(self.queue.long)),
+                "tail/deferred_prompts": data.counts.get("tail/deferred_prompts", 0.0),
+                "tail/response_length_p90": float(lengths[int(0.9 * (len(lengths) - 1))]),
+                "tail/response_length_max": float(lengths[-1])}
+
     def _collect_sync(self) -> tuple[StepData, int]:
-        """One wave with the current weights, then dynamic sampling's refill rounds, then the batch."""
+        """One wave with the current weights (a tail-batching long round: the deferred groups), then
+        dynamic sampling's refill rounds, then the batch."""
         want, rounds = self.cfg.rollout.prompts_per_step, 0
-        self._launch(want + self.cfg.async_.extra_groups)
+        deferred = self.queue.long_round()
+        self._long_round = bool(deferred)
+        if deferred:
+            self._submit(deferred)
+        else:
+            self._launch(want + self.queue.extra_groups)
         while True:
             while self.queue.inflight and len(self.queue.ready) < want:
                 self._poll()
@@ -112,9 +134,11 @@ class RLJob:
         if count <= 0:
             return
         again, self._restart = self._restart[:count], self._restart[count:]
-        specs = again + self.source.next_groups(count - len(again), self.queue.samples_per_group)
+        self._submit(again + self.source.next_groups(count - len(again), self.queue.samples_per_group))
+
+    def _submit(self, specs: list[GroupSpec]) -> None:
         self.queue.launched(specs, self.published)
-        self.roles.submit(specs, lockstep=self.cfg.async_.lockstep)
+        self.roles.submit(specs, lockstep=self.lockstep)
 
     def _poll(self) -> None:
         complete = [gid for t in self.roles.poll(self.cfg.runtime.poll_s, self.step + 1)
