@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from runs import count_trained, quiet_logging
 
 from rollmill.config import config_from_dict
 from rollmill.runtime.local import LocalRoles
@@ -81,20 +82,12 @@ def run_mode(name: str, mode: str, args, evaluate_before: bool) -> dict:
         job = RLJob(cfg, Path(tmp) / "run", LocalRoles)
         try:
             out = {"before": job.evaluate()[job.headline] if evaluate_before else None}
-            trained, records = 0, []
-            train = job.roles.train
-
-            def counting(groups, step):
-                nonlocal trained
-                trained += sum(len(g) for g in groups)
-                return train(groups, step)
-
-            job.roles.train = counting
+            records, trained_so_far = [], count_trained(job)
             stats = job.roles.workers[0].stats()
             busy0, start = stats.busy_s, time.perf_counter()
             while time.perf_counter() - start < args.budget_s:
                 records.append(job.train_step()[0])
-            wall = time.perf_counter() - start
+            wall, trained = time.perf_counter() - start, trained_so_far()
             engine_busy = stats.busy_s - busy0
             out.update(after=job.evaluate()[job.headline], steps=len(records), trained=trained, wall=wall,
                        sps=trained / wall, wait=sum(r["time/rollout_s"] for r in records) / wall,
@@ -119,9 +112,7 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=1.0, help="agentic: lognormal spread of the latency")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("rollmill", "httpx", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_logging()
     torch.manual_seed(args.seed)
     fields = {}
     print(f"{'workload':<9} {'mode':<10} {'steps':>5} {'samples':>7} {'samples/s':>9} {'x sync':>6} {'held-out':>14} "

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from runs import count_trained, quiet_logging
 
 from rollmill.config import config_from_dict
 from rollmill.runtime.local import LocalRoles
@@ -66,19 +67,12 @@ def run_mode(mode: str, args, evaluate_before: bool) -> dict:
             out = {"before": job.evaluate()[job.headline] if evaluate_before else None}
             engine = job.roles.workers[0].engine.stats
             rows0, steps0 = engine.busy_row_steps, engine.steps
-            trained, train = 0, job.roles.train
-
-            def counting(groups, step):
-                nonlocal trained
-                trained += sum(len(g) for g in groups)
-                return train(groups, step)
-
-            job.roles.train = counting
+            trained = count_trained(job)
             start, records = time.perf_counter(), []
             for _ in range(args.steps):
                 records.append(job.train_step()[0])
             wall = time.perf_counter() - start
-            out.update(wall=wall, trained=trained, rows=(engine.busy_row_steps - rows0) / max(1, engine.steps - steps0),
+            out.update(wall=wall, trained=trained(), rows=(engine.busy_row_steps - rows0) / max(1, engine.steps - steps0),
                        long_rounds=sum(r.get("tail/long_round", 0.0) for r in records),
                        deferred=sum(r.get("tail/deferred_prompts", 0.0) for r in records),
                        rollout=sum(r["time/rollout_s"] for r in records) / wall,
@@ -98,9 +92,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="the reply budget (the tail's length)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("rollmill", "httpx", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_logging()
     torch.manual_seed(args.seed)
     modes = args.modes.split(",")
     results = {mode: run_mode(mode, args, evaluate_before=i == 0) for i, mode in enumerate(modes)}
