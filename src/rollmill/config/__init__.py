@@ -209,6 +209,16 @@ class RunConfig(Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     tail_batching: TailBatchingConfig = TailBatchingConfig()
 
+    @property
+    def lockstep(self) -> bool:
+        """Whether episodes take their turns together (the synchronous agent loop): `async.env_async` when
+        set, else only in a fully synchronous run. Anything that keeps the first samples to finish
+        (redundant episodes, extra groups, tail batching) needs them to finish on their own."""
+        a = self.async_
+        if a.env_async is not None:
+            return not a.env_async
+        return a.max_staleness == 0 and not (a.redundant_episodes or a.extra_groups or self.tail_batching.enabled)
+
     @model_validator(mode="after")
     def _tail_batching_fits(self) -> "RunConfig":
         if not self.tail_batching.enabled:

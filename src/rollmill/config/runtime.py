@@ -20,7 +20,7 @@ class AsyncConfig(Strict):
     env_async: bool | None = Field(
         None, description="each episode advances on its own and the engine batches whatever turns are ready; "
                           "False = lockstep turns; None = on unless the run is fully synchronous (k = 0, no "
-                          "redundant episodes, no extra groups)")
+                          "redundant episodes, extra groups or tail batching)")
     partial_rollout: Literal["continue", "finish"] = Field(
         "continue", description="a generation in flight when new weights arrive is aborted and continued under "
                                 "them (continue) or finished under the old ones first (finish)")
@@ -31,13 +31,6 @@ class AsyncConfig(Strict):
     off_policy_correction: Literal["auto", "none", "tis", "decoupled_ppo"] = Field(
         "auto", description="auto: truncated IS against the behaviour log-probs when max_staleness > 0, none when 0")
     tis_cap: float = Field(2.0, gt=0.0, description="the truncated-IS cap the correction uses when algorithm.tis_cap is unset")
-
-    @property
-    def lockstep(self) -> bool:
-        """Whether episodes take their turns together (the synchronous agent loop)."""
-        if self.env_async is not None:
-            return not self.env_async
-        return self.max_staleness == 0 and self.redundant_episodes == 0 and self.extra_groups == 0
 
     @model_validator(mode="after")
     def _redundancy_needs_env_async(self) -> AsyncConfig:

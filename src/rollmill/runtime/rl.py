@@ -47,7 +47,6 @@ class RLJob:
         self.queue = SampleQueue(cfg, self.pipeline.drop_failed_groups)
         self.roles = roles(cfg)
         self.sync = cfg.async_.max_staleness == 0
-        self.lockstep = cfg.async_.lockstep and not cfg.tail_batching.enabled  # short rounds keep the first to finish
         self._long_round = False
         self.step = 0
         self.published = 0  # the weights version the rollout workers were last sent
@@ -138,7 +137,7 @@ class RLJob:
 
     def _submit(self, specs: list[GroupSpec]) -> None:
         self.queue.launched(specs, self.published)
-        self.roles.submit(specs, lockstep=self.lockstep)
+        self.roles.submit(specs, lockstep=self.cfg.lockstep)
 
     def _poll(self) -> None:
         complete = [gid for t in self.roles.poll(self.cfg.runtime.poll_s, self.step + 1)
