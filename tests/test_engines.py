@@ -334,3 +334,33 @@ def test_update_weights_refuses_while_rows_are_running(tok, gqa_model):
     engine.step()
     with pytest.raises(RuntimeError, match="rows running"):
         engine.update_weights(gqa_model.state_dict(), 1)
+
+
+def test_driver_truncate_ends_a_tagged_request_with_the_tokens_and_logprobs_it_sampled(tok, gqa_model):
+    """A time limit on the tail: `truncate` ends the tagged request at the next engine step with what it
+    sampled (finish reason "length"), a prefix of the uninterrupted run; the untagged one runs on."""
+    import asyncio
+
+    from rollmill.rollout.driver import EngineDriver
+
+    sp = SamplingParams(temperature=1.0, max_new_tokens=60)
+    reqs = _requests(tok, ["the long tail", "another one"], sp, [11, 12])
+    whole = HFEngine(gqa_model, tok).run(reqs)
+    assert all(len(c.token_ids) > 10 for c in whole)
+
+    async def play():
+        driver = EngineDriver(HFEngine(gqa_model, tok))
+        runs = [asyncio.ensure_future(driver.generate(r, tag=tag)) for r, tag in zip(reqs, ["cut", "keep"])]
+        while driver.stats.steps < 5:
+            await asyncio.sleep(0.005)
+        driver.truncate({"cut"})
+        out = await asyncio.gather(*runs)
+        await driver.close()
+        return out
+
+    cut, kept = asyncio.run(play())
+    assert cut.finish_reason == "length" and 5 <= len(cut.token_ids) < len(whole[0].token_ids)
+    n = len(cut.token_ids)
+    assert cut.token_ids == whole[0].token_ids[:n]
+    assert torch.allclose(torch.tensor(cut.logprobs), torch.tensor(whole[0].logprobs[:n]), atol=1e-5)
+    assert kept.token_ids == whole[1].token_ids and kept.finish_reason == whole[1].finish_reason

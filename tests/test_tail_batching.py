@@ -105,7 +105,6 @@ def test_queue_defers_cut_off_groups_with_g_samples_and_hands_out_a_long_round(t
 
 
 @pytest.mark.parametrize("sections, message", [
-    ({"async": {"max_staleness": 1}}, "async.max_staleness"),
     ({"async": {"redundant_episodes": 2}}, "tail_batching.prompt_factor"),
     ({"async": {"env_async": False}}, "async.env_async"),
     ({"tail_batching": {"enabled": True, "prompt_factor": 0.5}}, "prompt_factor"),
@@ -117,17 +116,54 @@ def test_tail_batching_config_errors_name_the_key(sections, message):
 
 
 def test_a_sample_of_the_cut_off_run_is_not_counted_for_the_relaunched_group(tiny_cfg):
-    def sample(index: int, version: int) -> Trajectory:
+    def sample(index: int, attempt: int) -> Trajectory:
         row = Row([1])
-        row.append_sampled([5], [-1.0], [version], turn=0)
-        return Trajectory(0, index, 0, [row])
+        row.append_sampled([5], [-1.0], [1], turn=0)
+        return Trajectory(0, index, 0, [row], attempt=attempt)
 
     queue = SampleQueue(tail_cfg(tiny_cfg), drop_failed_groups=False)
     queue.launched([GroupSpec(0, 0, None, tuple(range(6)))], version=1)
     queue.abandon()
-    queue.launched([queue.long.pop()], version=3)  # sampled again two updates later
-    assert queue.add(sample(5, version=1)) is None  # finished under the short round's weights
+    again = queue.long.pop()
+    assert again.attempt == 1
+    queue.launched([again], version=1)  # sampled again (a worker's weights may still be those it ran on)
+    assert queue.add(sample(5, attempt=0)) is None  # finished by the stopped run
     assert queue.inflight[0].trajs == []
     for i in range(4):
-        done = queue.add(sample(i, version=3))
+        done = queue.add(sample(i, attempt=1))
     assert done == 0 and [t.index for t in queue.ready[0]] == [0, 1, 2, 3]
+
+
+def test_each_step_reports_how_full_the_engine_ran(tiny_cfg, make_job, tmp_path):
+    cfg = tiny_cfg(rollout={"prompts_per_step": 2, "group_size": 4, "batch_size": 6, "sampling": {"max_new_tokens": 5}})
+    job = make_job(cfg, tmp_path / "run")
+    engine = job.roles.workers[0].engine
+    rows0, steps0 = engine.stats.busy_row_steps, engine.stats.steps
+    record, _ = job.train_step()
+    rows, steps = engine.stats.busy_row_steps - rows0, engine.stats.steps - steps0
+    assert steps > 0 and record["engine/rows_per_step"] == rows / steps
+    assert record["engine/occupancy"] == rows / (steps * 6)
+    assert 0 < record["engine/occupancy"] <= 1  # 8 samples on 6 rows: the batch was full for a while
+    assert sum(n for n, _ in engine.stats.by_rows.values()) == engine.stats.steps
+    assert max(engine.stats.by_rows) <= 6
+
+
+def test_with_bounded_staleness_groups_that_cannot_train_in_time_wait_for_a_long_round(tiny_cfg, tmp_path,
+                                                                                       slow_prompts):
+    """Tail batching and k = 1 together: a slow group is cut once it can train in no later update (not
+    run on to be dropped as stale), waits in the long-prompt queue, and its long round trains it; no
+    group trains twice, none is lost, none goes stale."""
+    cfg = tail_cfg(tiny_cfg, train={"steps": 10}, **{"async": {"max_staleness": 1}})
+    job = train_job(cfg, tmp_path / "run")
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    ids = [gid for step in slow_prompts for gid, _, _ in step]
+    assert len(ids) == 20 and len(set(ids)) == 20
+    assert not any(r.get("async/stale_groups") for r in records)
+    assert sum(r["tail/deferred_prompts"] for r in records) >= 2
+    long_steps = [i for i, r in enumerate(records) if r["tail/long_round"] == 1.0]
+    assert long_steps
+    for i in long_steps:  # a long round's groups are cut-off slow prompts, with all G samples to the end
+        assert any(pid % 3 == 0 and idx == [0, 1, 2, 3] for _, pid, idx in slow_prompts[i])
+    left = {s.group_id for s in job.queue.long} | set(job.queue.inflight) | set(job.queue.ready)
+    assert not left & set(ids)
+    assert set(range(job.source.groups_started)) == set(ids) | left  # none lost

@@ -105,6 +105,7 @@ class Trajectory:
     # stop | length (RLVR: how the completion ended)
     end_reason: str = "running"
     info: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 0  # the run of its group it came from (`GroupSpec.attempt`): a late sample of a stopped run is not counted
 
     @property
     def reward(self) -> float:
@@ -152,3 +153,4 @@ class GroupSpec:
     payload: Any
     indices: tuple[int, ...]
     eval: bool = False
+    attempt: int = 0  # > 0: launched again after an earlier run was stopped (tail batching's deferral)

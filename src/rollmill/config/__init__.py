@@ -224,9 +224,6 @@ class RunConfig(Strict):
         if not self.tail_batching.enabled:
             return self
         a = self.async_
-        if a.max_staleness > 0:
-            raise ValueError("tail_batching.enabled runs with synchronous training for now: set async.max_staleness "
-                             "to 0 (tail batching under bounded staleness is not built yet)")
         if a.redundant_episodes or a.extra_groups:
             raise ValueError("tail_batching sets the over-provisioning itself (tail_batching.prompt_factor, "
                              "sample_factor): leave async.redundant_episodes and async.extra_groups at 0")

@@ -44,13 +44,18 @@ class AsyncConfig(Strict):
 class TailBatchingConfig(Strict):
     """RollPacker's tail batching (docs/architecture.md, "Tail batching"): short rounds over-provision
     and train what finishes first; the prompts they cut off wait in a long-prompt queue and train
-    together in a long round, with every sample run to the end."""
+    together in a long round, with every sample run to the end (or to the round's time limit).
+    Works synchronously and with `async.max_staleness` k > 0 (then a group is cut once it can no
+    longer train within the staleness bound)."""
 
     enabled: bool = False
     prompt_factor: float = Field(1.25, ge=1.0, description="a short round launches ceil(prompts_per_step x this) "
                                                             "prompts and trains the first prompts_per_step to complete")
     sample_factor: float = Field(1.25, ge=1.0, description="a short round launches ceil(group_size x this) samples "
                                                             "per prompt and keeps the first group_size to finish")
+    long_round_time_limit: float = Field(4.0, ge=0.0, description="a long round's samples still running after this "
+                                         "many mean step times end where they are (kept, finish reason length); 0 = "
+                                         "no limit")
 
 
 class RoleResources(Strict):

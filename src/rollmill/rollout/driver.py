@@ -38,13 +38,13 @@ class Wave:
 
     def __init__(self, members: list[Hashable]):
         self.live = set(members)
-        self._waiting: dict[Hashable, tuple[Request, asyncio.Future]] = {}
+        self._waiting: dict[Hashable, tuple[Request, asyncio.Future, Hashable]] = {}
         self._release = None  # set by the driver: where a full step goes
 
-    def _arrive(self, member: Hashable, request: Request, future: asyncio.Future) -> None:
+    def _arrive(self, member: Hashable, request: Request, future: asyncio.Future, tag: Hashable = None) -> None:
         if member not in self.live:
             raise ValueError(f"{member!r} is not a live member of this wave")
-        self._waiting[member] = (request, future)
+        self._waiting[member] = (request, future, tag)
         self._maybe_release()
 
     def leave(self, member: Hashable) -> None:
@@ -57,13 +57,15 @@ class Wave:
         if self._waiting and len(self._waiting) == len(self.live):
             ready = [self._waiting[m] for m in sorted(self._waiting)]
             self._waiting.clear()
-            self._release(ready)
+            for request, future, tag in ready:
+                self._release([(request, future)], tag)
 
 
 @dataclass
 class _Pending:
     request: Request  # as the episode asked
     future: asyncio.Future
+    tag: Hashable = None  # what `truncate` selects by (a rollout worker tags requests with their group id)
     pieces: list[Completion] = field(default_factory=list)  # partial outputs under earlier versions
 
 
@@ -101,6 +103,7 @@ class EngineDriver:
         self._pending: dict[Hashable, _Pending] = {}
         self._outbox: list[Request] = []  # requests to hand to the engine at the next step
         self._aborts: set = set()  # requests to stop at the next step (their episodes were cancelled)
+        self._cuts: set = set()  # requests to end at the next step with what they sampled (`truncate`)
         self._hold = False  # `finish` mode: an update is waiting for the running requests to end
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -118,17 +121,19 @@ class EngineDriver:
         wave._release = self._release
         return wave
 
-    async def generate(self, request: Request, wave: Wave | None = None, member: Hashable = None) -> Completion:
-        """The completion of `request` (with per-token `versions`); in lockstep when `wave` is given."""
+    async def generate(self, request: Request, wave: Wave | None = None, member: Hashable = None,
+                       tag: Hashable = None) -> Completion:
+        """The completion of `request` (with per-token `versions`); in lockstep when `wave` is given.
+        `tag` marks the request for `truncate`."""
         if self._failure is not None:
             raise RuntimeError("the engine failed earlier") from self._failure
         self._counter += 1
         request = replace(request, id=(self._counter, request.id))
         future = asyncio.get_running_loop().create_future()
         if wave is None:
-            self._release([(request, future)])
+            self._release([(request, future)], tag)
         else:
-            wave._arrive(member, request, future)
+            wave._arrive(member, request, future, tag)
         try:
             return await future
         except asyncio.CancelledError:  # the episode was cancelled: stop its request too
@@ -144,10 +149,17 @@ class EngineDriver:
             self._aborts.add(key)
             self._wake.set()
 
-    def _release(self, ready: list[tuple[Request, asyncio.Future]]) -> None:
+    def _release(self, ready: list[tuple[Request, asyncio.Future]], tag: Hashable = None) -> None:
         for request, future in ready:
-            self._pending[request.id] = _Pending(request, future)
+            self._pending[request.id] = _Pending(request, future, tag)
             self._outbox.append(request)
+        self._wake.set()
+
+    def truncate(self, tags: set) -> None:
+        """End the requests tagged with one of `tags` at the next engine step, each with what it sampled
+        so far and finish reason "length" (as if its budget ended there): the long tail stops and no
+        sampled token is lost. Requests not yet in the engine end with no tokens."""
+        self._cuts |= {key for key, p in self._pending.items() if p.tag in tags}
         self._wake.set()
 
     async def update_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
@@ -198,25 +210,29 @@ class EngineDriver:
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
-    def _step(self, new: list[Request], aborts: set) -> list[Completion]:
+    def _step(self, new: list[Request], aborts: set, cuts: set) -> list[Completion]:
         if aborts:
             self.engine.abort(aborts)
         if new:
             self.engine.submit(new)
-        return self.engine.step()
+        ended = [replace(c, finish_reason="length") for c in self.engine.abort(cuts)] if cuts else []
+        return ended + self.engine.step()
 
     async def _pump(self) -> None:
         while True:
-            if not (self._outbox and not self._hold) and not self.engine.busy and not self._aborts:
+            if not (self._outbox and not self._hold) and not self.engine.busy and not self._aborts and not self._cuts:
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             new, self._outbox = ([], self._outbox) if self._hold else (self._outbox, [])
             aborts, self._aborts = self._aborts, set()
+            cuts, self._cuts = self._cuts & self._pending.keys(), set()
+            if self._hold:  # cut requests waiting in the outbox go to the engine now, to end at once
+                new, self._outbox = [r for r in self._outbox if r.id in cuts], [r for r in self._outbox if r.id not in cuts]
             t0 = time.perf_counter()
             try:
-                finished = await self._call(self._step, new, aborts)
+                finished = await self._call(self._step, new, aborts, cuts)
             except BaseException as err:  # an engine failure fails every episode waiting on it
                 self._failure = err
                 for pending in self._pending.values():

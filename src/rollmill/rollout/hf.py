@@ -58,6 +58,9 @@ class EngineStats:
     sample_s: float = 0.0
     busy_row_steps: int = 0  # sum over decode steps of the rows decoded (occupancy = this / steps / batch_size)
     steps: int = 0
+    # rows decoded -> [decode steps, seconds of sampling + decode forward]: the step-time curve a
+    # scheduling model needs (benchmarks/long_tail.py records it, benchmarks/simulate.py fits it)
+    by_rows: dict[int, list] = field(default_factory=dict)
 
 
 class HFEngine(EngineBase):
@@ -123,7 +126,8 @@ class HFEngine(EngineBase):
         rows = self._rows
         t0 = time.perf_counter()
         tokens, logprobs = self._sample(rows, self._logits)
-        self.stats.sample_s += time.perf_counter() - t0
+        t_sample = time.perf_counter() - t0
+        self.stats.sample_s += t_sample
         done = self._record(rows, tokens.tolist(), logprobs.tolist())
         finished, keep = self._retire(done)
         self._logits = torch.empty(0, 0)
@@ -136,9 +140,13 @@ class HFEngine(EngineBase):
                                                 torch.zeros(len(self._rows), dtype=torch.long))
             for r in self._rows:
                 r.length += 1
-            self.stats.decode_s += time.perf_counter() - t0
+            t_decode = time.perf_counter() - t0
+            self.stats.decode_s += t_decode
             self.stats.busy_row_steps += len(self._rows)
             self.stats.steps += 1
+            entry = self.stats.by_rows.setdefault(len(self._rows), [0, 0.0])
+            entry[0] += 1
+            entry[1] += t_sample + t_decode
         return finished
 
     def abort(self, ids: set | None = None) -> list[Completion]:

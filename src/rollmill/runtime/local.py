@@ -8,6 +8,7 @@ env calls wait on I/O). Roles are the same classes the Ray backend runs as actor
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,8 +29,14 @@ def assign(specs: list[GroupSpec], workers: int, replicate: bool, start: int) ->
         for w in range(workers):
             part = spec.indices[w::workers]
             if part:
-                out[w].append(GroupSpec(spec.group_id, spec.prompt_id, spec.payload, part, spec.eval))
+                out[w].append(replace(spec, indices=part))
     return out
+
+
+def add_loads(loads: list[dict[str, int] | None]) -> dict[str, int] | None:
+    """The workers' engine counters summed (None when no engine counts them)."""
+    loads = [x for x in loads if x is not None]
+    return {k: sum(x[k] for x in loads) for k in loads[0]} if loads else None
 
 
 class LocalRoles:
@@ -78,6 +85,13 @@ class LocalRoles:
     def cancel(self, group_ids: list[int]) -> None:
         for w in self.workers:
             w.cancel(group_ids)
+
+    def engine_load(self) -> dict[str, int] | None:
+        return add_loads([w.engine_load() for w in self.workers])
+
+    def truncate(self, group_ids: list[int]) -> None:
+        for w in self.workers:
+            w.truncate(group_ids)
 
     def evaluate(self, specs: list[GroupSpec], version: int) -> list[Trajectory]:
         return self.workers[0].evaluate(specs, version)

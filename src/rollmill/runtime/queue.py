@@ -8,8 +8,10 @@ Everything that decides *which* samples train lives here, not in the rollout cal
 - **the staleness bound**: a group trains only if its oldest sampled token is at most k versions
   behind the weights being updated; older groups are dropped (and replaced);
 - **how much may run ahead**: `capacity` says how many groups may start now;
-- **tail batching** (synchronous): groups a short round cut off wait in the long-prompt queue
-  (`long`) until a long round takes them.
+- **tail batching**: groups a short round cut off wait in the long-prompt queue (`long`) until a
+  long round takes them. Synchronously a round is cut once the step is full (`abandon`); under
+  bounded staleness a group is cut once it can no longer train in time (`overdue`), and a batch
+  waits for a long-round group at its last chance instead of letting it go stale.
 
 Synchronous mode (k = 0) keeps the lockstep algorithm exactly: the driver launches a step's groups as
 one wave and refills in rounds (`refill`); asynchronous mode refills as each group is dropped.
@@ -33,6 +35,7 @@ class _Group:
     version: int  # the rollout weights when it was launched
     trajs: list[Trajectory] = field(default_factory=list)
     arrived: int = 0
+    long: bool = False  # launched by a long round: never cut again
 
 
 @dataclass
@@ -56,12 +59,14 @@ class SampleQueue:
         self.drop_failed = drop_failed_groups
         self.inflight: dict[int, _Group] = {}
         self.ready: dict[int, list[Trajectory]] = {}
+        self.ready_specs: dict[int, GroupSpec] = {}  # what each ready group was launched from
         self.dropped: list[list[Trajectory]] = []  # completed since the last update, not trained
         self.spent = 0  # groups dropped this step that are not replaced (failures, refills used up)
         self.refills_left = self._refill_budget()
         self.counts: dict[str, float] = {}
         self.tail = cfg.tail_batching.enabled
         self.long: list[GroupSpec] = []  # prompts cut off by a short round, oldest first
+        self.long_ids: set[int] = set()  # groups launched by a long round, until they train or drop
 
     def _refill_budget(self) -> int:
         f = self.cfg.filters
@@ -95,17 +100,23 @@ class SampleQueue:
         budget = steps * self.want + self.extra_groups
         return max(0, budget - len(self.inflight) - len(self.ready) - self.spent)
 
-    def launched(self, specs: list[GroupSpec], version: int) -> None:
+    def launched(self, specs: list[GroupSpec], version: int, long: bool = False) -> None:
         for spec in specs:
-            self.inflight[spec.group_id] = _Group(spec, version)
+            self.inflight[spec.group_id] = _Group(spec, version, long=long)
+        if long:
+            self.long_ids |= {s.group_id for s in specs}
+
+    @property
+    def long_inflight(self) -> bool:
+        return any(g.long for g in self.inflight.values())
 
     # -- arrivals ---------------------------------------------------------------------------------
     def add(self, traj: Trajectory) -> int | None:
         """Take one finished sample; return its group id when that group just completed (its other
         samples still running can be cancelled)."""
         group = self.inflight.get(traj.group_id)
-        if group is None or self._earlier_attempt(traj, group):  # a straggler of a completed or dropped group
-            self._count("async/discarded_samples")
+        if group is None or traj.attempt != group.spec.attempt:  # a straggler of a completed, dropped or cut-off run
+            self.count("async/discarded_samples")
             return None
         group.arrived += 1
         if not (self.drop_failed and traj.failed) or self.extra_samples == 0:
@@ -128,21 +139,17 @@ class SampleQueue:
             self._drop("groups/dropped_for_failure")
         elif self.cfg.filters.dynamic_sampling and not bool(informative_groups(self._scores([trajs]))[0]):
             self.dropped.append(trajs)
-            self._count("filter/dropped_groups")
+            self.count("filter/dropped_groups")
             if self.k == 0:
                 return  # synchronous: the driver refills in rounds
             if self.refills_left > 0:
                 self.refills_left -= 1
-                self._count("filter/refilled_groups")
+                self.count("filter/refilled_groups")
             else:
                 self.spent += 1
         else:
             self.ready[group.spec.group_id] = trajs
-
-    def _earlier_attempt(self, traj: Trajectory, group: _Group) -> bool:
-        """A sample of a deferred group's cut-off short-round run, arriving after the group was launched
-        again: synchronous workers sample with the launch weights, so its tokens are older than those."""
-        return self.k == 0 and traj.oldest_version is not None and traj.oldest_version < group.version
+            self.ready_specs[group.spec.group_id] = group.spec
 
     def _shape(self, trajs: list[Trajectory]) -> None:
         """DAPO's soft overlong punishment, added to each sample's reward (docs/algorithms.md §2.14)."""
@@ -154,10 +161,10 @@ class SampleQueue:
             t.turns[-1].reward = t.turns[-1].reward + float(s)
 
     def _drop(self, key: str) -> None:
-        self._count(key)
+        self.count(key)
         self.spent += 1
 
-    def _count(self, key: str, n: float = 1.0) -> None:
+    def count(self, key: str, n: float = 1.0) -> None:
         self.counts[key] = self.counts.get(key, 0.0) + n
 
     @staticmethod
@@ -175,15 +182,29 @@ class SampleQueue:
         (`force`: whatever is ready, the synchronous driver's call after its last refill round).
 
         Groups whose oldest token is more than k versions behind are dropped here (and replaced)."""
-        for gid in [g for g, trajs in self.ready.items() if _too_old(trajs, version, self.k)]:
+        for gid in [g for g, trajs in self.ready.items() if _oldest(trajs, version) < version - self.k]:
+            spec = self.ready_specs.pop(gid, None)
+            if self.tail and spec is not None:  # sampled in vain, but the prompt is not lost: a long round takes it
+                del self.ready[gid]
+                self.long.append(self._again(spec))
+                self.count("tail/deferred_prompts")
+                continue
             self.dropped.append(self.ready.pop(gid))
-            self._count("async/stale_groups")
+            self.count("async/stale_groups")
+        if not force and any(g.long and g.version + self.k <= version for g in self.inflight.values()):
+            return None  # a long-round group can train in no later update: this one waits for it
         full = len(self.ready) >= self.want
         if not (full or force) and (self.inflight or self.capacity(version, version) > 0):
             return None
-        ids = sorted(self.ready)[: self.want]
+        # earliest deadline first: the group whose tokens are oldest can wait the least
+        ids = sorted(self.ready, key=lambda g: (_oldest(self.ready[g], version), g))[: self.want]
         groups = [self.ready.pop(g) for g in ids]
+        for g in ids:
+            self.ready_specs.pop(g, None)
         seen = sorted(groups + self.dropped, key=lambda g: g[0].group_id)
+        if self.tail:
+            self.counts["tail/long_groups"] = float(len(self.long_ids & set(ids)))
+            self.long_ids -= {g[0].group_id for g in seen}
         data = StepData(groups, seen, self.counts)
         self.dropped, self.counts, self.spent = [], {}, 0
         self.refills_left = self._refill_budget()
@@ -191,16 +212,29 @@ class SampleQueue:
 
     def abandon(self) -> list[int]:
         """Stop the groups still in flight (a synchronous step that already has its groups); return their
-        ids. With tail batching they wait in the long-prompt queue, to be sampled again from scratch
-        with G samples; otherwise they are forgotten."""
+        ids. With tail batching they wait in the long-prompt queue (`defer`); otherwise they are forgotten."""
         ids = list(self.inflight)
         if self.tail:
-            self.long.extend(replace(g.spec, indices=tuple(range(self.size))) for g in self.inflight.values())
-            self._count("tail/deferred_prompts", len(ids))
+            self.defer(ids)
         else:
-            self._count("async/abandoned_groups", len(ids))
-        self.inflight.clear()
+            self.count("async/abandoned_groups", len(ids))
+            self.inflight.clear()
         return ids
+
+    def defer(self, ids: list[int]) -> None:
+        """Move these groups in flight to the long-prompt queue, to be sampled again from scratch with G
+        samples as a new attempt (late samples of the stopped run then do not count)."""
+        self.long.extend(self._again(self.inflight.pop(gid).spec) for gid in ids)
+        self.count("tail/deferred_prompts", len(ids))
+
+    def _again(self, spec: GroupSpec) -> GroupSpec:
+        return replace(spec, indices=tuple(range(self.size)), attempt=spec.attempt + 1)
+
+    def overdue(self, next_update: int) -> list[int]:
+        """Asynchronous tail batching: short-round groups in flight that can no longer train in update
+        `next_update` or later (their launch weights would be more than k behind): the driver defers
+        them instead of letting them run on to be dropped as stale."""
+        return [gid for gid, g in self.inflight.items() if not g.long and g.version < next_update - self.k]
 
     def long_round(self) -> list[GroupSpec]:
         """The groups of a long round, oldest first, once the long-prompt queue holds a step's worth."""
@@ -212,15 +246,17 @@ class SampleQueue:
     # -- checkpoints ------------------------------------------------------------------------------
     def state(self) -> dict:
         """What a checkpoint keeps: ready groups as they are; groups in flight as specs to start again."""
-        return {"ready": self.ready, "restart": [g.spec for g in self.inflight.values()], "long": self.long}
+        return {"ready": self.ready, "ready_specs": self.ready_specs, "restart": [g.spec for g in self.inflight.values()],
+                "long": self.long}
 
     def load_state(self, state: dict) -> list[GroupSpec]:
         """Restore ready groups and the long-prompt queue; return the specs to launch again."""
         self.ready = dict(state["ready"])
+        self.ready_specs = dict(state.get("ready_specs", {}))
         self.long = list(state.get("long", []))
         return list(state["restart"])
 
 
-def _too_old(trajs: list[Trajectory], version: int, k: int) -> bool:
-    oldest = min((t.oldest_version for t in trajs if t.oldest_version is not None), default=version)
-    return oldest < version - k
+def _oldest(trajs: list[Trajectory], version: int) -> int:
+    """The weights version of the group's oldest sampled token (`version` when it sampled none)."""
+    return min((t.oldest_version for t in trajs if t.oldest_version is not None), default=version)

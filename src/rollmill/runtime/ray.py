@@ -25,7 +25,7 @@ from rollmill.config import RunConfig
 from rollmill.models import load_tokenizer
 from rollmill.rollout import WeightSyncError
 from rollmill.runtime.learner import Learner
-from rollmill.runtime.local import assign
+from rollmill.runtime.local import add_loads, assign
 from rollmill.runtime.rewards import RewardWorker
 from rollmill.runtime.worker import RolloutWorker
 from rollmill.types import GroupSpec, Trajectory
@@ -150,6 +150,13 @@ class RayRoles:
     def cancel(self, group_ids: list[int]) -> None:
         for w in self.workers:
             w.cancel.remote(group_ids)
+
+    def engine_load(self) -> dict[str, int] | None:
+        return add_loads(self._get([w.engine_load.remote() for w in self.workers], "rollout worker", 0))
+
+    def truncate(self, group_ids: list[int]) -> None:
+        for w in self.workers:
+            w.truncate.remote(group_ids)
 
     def evaluate(self, specs: list[GroupSpec], version: int) -> list[Trajectory]:
         return self._get(self.workers[0].evaluate.remote(specs, version), "rollout worker 0", version)

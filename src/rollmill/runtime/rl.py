@@ -4,9 +4,11 @@ Synchronous (`async.max_staleness: 0`): a step launches its groups as one wave w
 weights, waits for them (and for dynamic sampling's refill rounds), trains, and publishes the new
 weights before the next wave starts: the lockstep algorithm, sample for sample.
 
-Tail batching (synchronous, `tail_batching.enabled`): a short round launches more groups and samples
-than the step needs and trains the first to finish; the groups it cuts off wait in the queue's
-long-prompt queue, and once that holds a step's worth the next step is a long round over them.
+Tail batching (`tail_batching.enabled`): a short round launches more groups and samples than the
+step needs and trains the first to finish; the groups it cuts off wait in the queue's long-prompt
+queue, and once that holds a step's worth a long round runs them (synchronously: as the next step;
+asynchronously: launched ahead of new prompts). A long round that runs past its time limit ends its
+samples where they are (`truncate`: their tokens are kept, finish reason "length").
 
 Asynchronous (k > 0): workers keep up to k + 1 steps' worth of groups in flight; the queue hands the
 learner the oldest ready groups within the staleness bound, and while the learner trains the driver
@@ -47,7 +49,8 @@ class RLJob:
         self.queue = SampleQueue(cfg, self.pipeline.drop_failed_groups)
         self.roles = roles(cfg)
         self.sync = cfg.async_.max_staleness == 0
-        self._long_round = False
+        self._long_started: float | None = None  # when the long round in flight was launched
+        self._step_s: list[float] = []  # wall time of each step so far: the long-round time limit's unit
         self.step = 0
         self.published = 0  # the weights version the rollout workers were last sent
         self._restart: list[GroupSpec] = []
@@ -57,6 +60,7 @@ class RLJob:
     # -- one step ---------------------------------------------------------------------------------
     def train_step(self) -> tuple[dict, list[dict]]:
         t0 = time.perf_counter()
+        load0 = self.roles.engine_load()
         data, rounds = self._collect_sync() if self.sync else (self._collect_async(), None)
         t_rollout = time.perf_counter() - t0
         if not data.groups:
@@ -85,6 +89,9 @@ class RLJob:
             record["async/groups_in_flight"] = float(len(self.queue.inflight))
         if self.queue.tail:
             record.update(self._tail_metrics(data))
+        self._step_s.append(time.perf_counter() - t0)
+        if load0 is not None:
+            record.update(_occupancy(load0, self.roles.engine_load()))
         tokens = sum(t.sampled_tokens for t in trajs)
         record.update({"time/rollout_s": t_rollout, "time/train_s": t_train, "time/sync_s": t_sync,
                        "throughput/tokens_per_s": tokens / (t_rollout + t_train),
@@ -95,8 +102,11 @@ class RLJob:
     def _tail_metrics(self, data: StepData) -> dict[str, float]:
         """Which round this step was, what it deferred, and its response lengths (to compare round types)."""
         lengths = sorted(t.sampled_tokens for g in data.groups for t in g) or [0]
-        return {"tail/long_round": float(self._long_round), "tail/long_queue": float(len(self.queue.long)),
-                "tail/deferred_prompts": data.counts.get("tail/deferred_prompts", 0.0),
+        counts = data.counts
+        return {"tail/long_round": float(counts.get("tail/long_groups", 0.0) > 0),
+                "tail/long_queue": float(len(self.queue.long)),
+                "tail/deferred_prompts": counts.get("tail/deferred_prompts", 0.0),
+                "tail/truncated_long_rounds": counts.get("tail/truncated_long_rounds", 0.0),
                 "tail/response_length_p90": float(lengths[int(0.9 * (len(lengths) - 1))]),
                 "tail/response_length_max": float(lengths[-1])}
 
@@ -105,9 +115,8 @@ class RLJob:
         dynamic sampling's refill rounds, then the batch."""
         want, rounds = self.cfg.rollout.prompts_per_step, 0
         deferred = self.queue.long_round()
-        self._long_round = bool(deferred)
         if deferred:
-            self._submit(deferred)
+            self._submit(deferred, long=True)
         else:
             self._launch(want + self.queue.extra_groups)
         while True:
@@ -126,20 +135,47 @@ class RLJob:
             self._launch(self.queue.capacity(self.published, self.step))
             data = self.queue.take(self.step)
             if data is not None:
+                if self.queue.tail:  # groups that can train in no later update wait for a long round
+                    late = self.queue.overdue(self.step + 1)
+                    self.queue.defer(late)
+                    self.roles.cancel(late)
                 return data
             self._poll()
 
     def _launch(self, count: int) -> None:
         if count <= 0:
             return
+        if not self.sync and count >= self.cfg.rollout.prompts_per_step and not self.queue.long_inflight:
+            deferred = self.queue.long_round()  # asynchronous tail batching: a long round goes first
+            if deferred:
+                self._submit(deferred, long=True)
+                count -= len(deferred)
         again, self._restart = self._restart[:count], self._restart[count:]
         self._submit(again + self.source.next_groups(count - len(again), self.queue.samples_per_group))
 
-    def _submit(self, specs: list[GroupSpec]) -> None:
-        self.queue.launched(specs, self.published)
+    def _submit(self, specs: list[GroupSpec], long: bool = False) -> None:
+        if not specs:
+            return
+        self.queue.launched(specs, self.published, long)
         self.roles.submit(specs, lockstep=self.cfg.lockstep)
+        if long:
+            self._long_started = time.perf_counter()
+
+    def _limit_long_round(self) -> None:
+        """End the long round's samples where they are once it has run `tail_batching.long_round_time_limit`
+        times the mean step time (a generous bound: it only stops a pathological tail)."""
+        factor = self.cfg.tail_batching.long_round_time_limit
+        if self._long_started is None or not factor or not self._step_s:
+            return
+        if time.perf_counter() - self._long_started > factor * sum(self._step_s) / len(self._step_s):
+            self._long_started = None
+            self.roles.truncate([gid for gid, g in self.queue.inflight.items() if g.long])
+            self.queue.count("tail/truncated_long_rounds")
 
     def _poll(self) -> None:
+        if not self.queue.long_inflight:
+            self._long_started = None
+        self._limit_long_round()
         complete = [gid for t in self.roles.poll(self.cfg.runtime.poll_s, self.step + 1)
                     if (gid := self.queue.add(t)) is not None]
         if complete and self.queue.samples_per_group > self.cfg.rollout.group_size:
@@ -187,3 +223,10 @@ class RLJob:
     def close(self) -> None:
         self.roles.close()
 
+
+
+def _occupancy(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """How full the engines ran this step: mean rows per decode step, and rows decoded over the row
+    slots the decode steps offered (the batch size each); a long tail shows as a low figure."""
+    rows, steps, slots = (after[k] - before[k] for k in ("rows", "steps", "slots"))
+    return {"engine/rows_per_step": rows / max(steps, 1), "engine/occupancy": rows / max(slots, 1)}

@@ -77,6 +77,11 @@ class RolloutWorker:
         """Stop the samples of these groups still running (redundant samples no longer needed)."""
         self._loop.call_soon_threadsafe(self._samples.cancel, list(group_ids))
 
+    def truncate(self, group_ids: list[int]) -> None:
+        """End the generations of these groups now with what they sampled (finish reason "length"): a
+        time limit that keeps every token (the episodes then score and finish as usual)."""
+        self._loop.call_soon_threadsafe(self._samples.driver.truncate, set(group_ids))
+
     def update_weights(self, state, version: int) -> Future:
         """Load weights `version` (running generations continue or finish per `async.partial_rollout`);
         the future resolves once they serve. `state` must stay unchanged until then."""
@@ -89,6 +94,14 @@ class RolloutWorker:
     def stats(self) -> DriverStats:
         """The engine driver's counters: engine steps and busy time, partial rollouts continued."""
         return self._samples.driver.stats
+
+    def engine_load(self) -> dict[str, int] | None:
+        """The engine's decode counters: rows decoded, decode steps, and row slots offered (steps x batch
+        size); None for an engine that does not count them. Deltas of these give occupancy."""
+        stats = getattr(self.engine, "stats", None)
+        if not hasattr(stats, "busy_row_steps"):
+            return None
+        return {"rows": stats.busy_row_steps, "steps": stats.steps, "slots": stats.steps * self.engine.batch_size}
 
     def close(self) -> None:
         self._call(self._samples.shutdown()).result(timeout=30)
@@ -124,7 +137,10 @@ class _Samples:
 
     async def sample(self, spec: GroupSpec, index: int, wave) -> Trajectory | None:
         member = (spec.group_id, index)
-        generate = (lambda request: self.driver.generate(request, wave, member)) if wave else self.driver.generate
+
+        async def generate(request):
+            return await self.driver.generate(request, wave, member, tag=spec.group_id)
+
         outbox = self.worker._outbox
         try:
             traj = await self.worker.episodes.run(spec, index, EpisodeContext(generate, self.worker.rewards.score))
@@ -139,6 +155,7 @@ class _Samples:
                 wave.leave(member)
             if not spec.eval:
                 self._forget(spec.group_id)
+        traj.attempt = spec.attempt
         if not spec.eval:
             outbox.put(traj)
         return traj
