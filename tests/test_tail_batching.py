@@ -38,14 +38,24 @@ def slow_prompts(monkeypatch):
             await asyncio.sleep(SLOW_S)
         return await run(self, spec, index, ctx)
 
-    learn = Learner.train
+    learn, begin, add = Learner.train, Learner.begin_stream, Learner.add_groups
 
     def spy(self, groups):
         trained.append([(g[0].group_id, g[0].prompt_id, sorted(t.index for t in g)) for g in groups])
         return learn(self, groups)
 
+    def spy_begin(self):
+        trained.append([])
+        return begin(self)
+
+    def spy_add(self, groups):
+        trained[-1].extend((g[0].group_id, g[0].prompt_id, sorted(t.index for t in g)) for g in groups)
+        return add(self, groups)
+
     monkeypatch.setattr(PromptEpisodes, "run", slow)
     monkeypatch.setattr(Learner, "train", spy)
+    monkeypatch.setattr(Learner, "begin_stream", spy_begin)
+    monkeypatch.setattr(Learner, "add_groups", spy_add)
     return trained
 
 
@@ -55,8 +65,9 @@ def train_job(cfg, run_dir, resume=False) -> RLJob:
     return job
 
 
-def test_short_rounds_defer_the_tail_and_a_long_round_trains_it_once(tiny_cfg, tmp_path, slow_prompts):
-    cfg = tail_cfg(tiny_cfg, train={"steps": 8})
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
+def test_short_rounds_defer_the_tail_and_a_long_round_trains_it_once(tiny_cfg, tmp_path, slow_prompts, streamed):
+    cfg = tail_cfg(tiny_cfg, train={"steps": 8}, runtime={"streamed_training": streamed})
     job = train_job(cfg, tmp_path / "run")
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     trained = [g for step in slow_prompts for g in step]

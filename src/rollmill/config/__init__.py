@@ -220,6 +220,13 @@ class RunConfig(Strict):
         return a.max_staleness == 0 and not (a.redundant_episodes or a.extra_groups or self.tail_batching.enabled)
 
     @model_validator(mode="after")
+    def _streaming_is_synchronous(self) -> "RunConfig":
+        if self.runtime.streamed_training and self.async_.max_staleness > 0:
+            raise ValueError("runtime.streamed_training overlaps a waiting learner with the rollout of its batch, "
+                             "which only synchronous runs have: set async.max_staleness to 0 or turn it off")
+        return self
+
+    @model_validator(mode="after")
     def _tail_batching_fits(self) -> "RunConfig":
         if not self.tail_batching.enabled:
             return self

@@ -83,6 +83,10 @@ class RuntimeConfig(Strict):
                                                     "that on cores it shares with the learner it uses only what the "
                                                     "learner leaves idle (docs/architecture.md, \"Threads and shared cores\")")
 
+    streamed_training: bool = Field(False, description="synchronous runs: the learner runs forward/backward on "
+                                                       "each group as it completes, overlapping the rollout of "
+                                                       "the rest (docs/architecture.md, \"Streamed training\")")
+
     @model_validator(mode="after")
     def _ray_needs_ray(self) -> RuntimeConfig:
         if self.backend == "ray":

@@ -18,7 +18,7 @@ from rollmill.pipelines.common import PromptCursor, encode_prompt, sample_seed, 
 from rollmill.pipelines.evaluate import pass_at_k
 from rollmill.rollout.engine import Request
 from rollmill.tasks import Example, load_task
-from rollmill.train import build_batch
+from rollmill.train import TrainBatch, build_batch
 from rollmill.train.anchor_credit import anchor_scaled_advantages
 from rollmill.types import GroupSpec, Row, Trajectory, Turn
 
@@ -97,10 +97,7 @@ class RLVRPipeline(RLPipeline):
     def update(self, learner, groups: list[list[Trajectory]]) -> dict[str, float]:
         """Advantages (scalar estimator, or GAE over the critic's values), KL shaping, the update."""
         cfg, algo = learner.cfg, learner.cfg.algorithm
-        trajs = [t for g in groups for t in g]
-        scores = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)
-        batch = build_batch([t.rows[0] for t in trajs], torch.zeros(len(trajs)), learner.pad_id)
-        batch.mask *= loss_weights(trajs, scores, cfg)[:, None]
+        batch, scores = scored_batch(learner, groups)
         ref_logp = token_kl = None
         if algo.kl_placement == "reward" and algo.kl_coef > 0:
             ref_logp = learner.trainer.reference_logprobs(batch)
@@ -119,6 +116,14 @@ class RLVRPipeline(RLPipeline):
                        **learner.critic.step(batch, old_values, returns)}
         learner.after_update(metrics, token_kl, batch)
         return metrics
+
+    def add_groups(self, learner, groups: list[list[Trajectory]]) -> None:
+        """The streamed form of `update` (`Learner.add_groups`): these groups' advantages, then their
+        forward/backward. Only for configs `streaming_blockers` passes: per-group advantages, no critic,
+        no reward-side KL, no attention credit."""
+        batch, scores = scored_batch(learner, groups)
+        batch.advantages = learner.advantages(scores, batch.mask)
+        learner.trainer.add(batch)
 
     def rollout_metrics(self, groups: list[list[Trajectory]]) -> dict[str, float]:
         """What the policy did this step, over every sampled group (filtered ones included)."""
@@ -158,8 +163,20 @@ class RLVRPipeline(RLPipeline):
         return metrics
 
 
+def scored_batch(learner, groups: list[list[Trajectory]]) -> tuple[TrainBatch, torch.Tensor]:
+    """The groups' samples as a batch, their loss weights applied to its mask, and their scores [P, G]."""
+    trajs = [t for g in groups for t in g]
+    scores = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)
+    batch = build_batch([t.rows[0] for t in trajs], torch.zeros(len(trajs)), learner.pad_id)
+    batch.mask *= loss_weights(trajs, scores, learner.cfg)[:, None]
+    return batch, scores
+
+
 def loss_weights(trajs: list[Trajectory], scores: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
-    """Per-sample 0/1 weights [N]: the difficulty mask and the overlong filter (docs/algorithms.md §2.13-2.14)."""
+    """Per-sample 0/1 weights [N]: the difficulty mask and the overlong filter (docs/algorithms.md §2.13-2.14).
+
+    Each weight depends on its sample's group alone, so a streamed update's chunks get the weights the
+    whole batch would give them."""
     weights = torch.ones(len(trajs))
     f = cfg.filters
     if f.difficulty_low is not None or f.difficulty_high is not None:

@@ -46,11 +46,29 @@ class LocalRoles:
         self.cfg = cfg
         self.learner = Learner(cfg)
         self.workers = [RolloutWorker(cfg, i) for i in range(cfg.runtime.rollout_workers)]
-        self._training = ThreadPoolExecutor(1, thread_name_prefix="learner")
+        self._training = ThreadPoolExecutor(1, thread_name_prefix="learner")  # one thread: calls run in order
+        self._streamed: list[Future] = []
         self._turn = 0
 
     def train(self, groups: list[list[Trajectory]], step: int) -> Future:
         return self._training.submit(self.learner.train, groups)
+
+    def begin_stream(self) -> None:
+        self._streamed = [self._training.submit(self.learner.begin_stream)]
+
+    def stream(self, groups: list[list[Trajectory]]) -> None:
+        self._streamed.append(self._training.submit(self.learner.add_groups, groups))
+
+    def finish_stream(self, step: int) -> Future:
+        """The streamed update's handle; it fails if any of its parts did (they ran first, in order)."""
+        parts, self._streamed = self._streamed, []
+
+        def finish():
+            for part in parts:
+                part.result()
+            return self.learner.finish_stream()
+
+        return self._training.submit(finish)
 
     def done(self, handle: Future) -> bool:
         return handle.done()

@@ -177,9 +177,10 @@ class SampleQueue:
         return self.want - len(self.ready)
 
     # -- handing out a batch ----------------------------------------------------------------------
-    def take(self, version: int, force: bool = False) -> StepData | None:
+    def take(self, version: int, force: bool = False, ids: list[int] | None = None) -> StepData | None:
         """The groups for the update from `version` (oldest first), or None while more must arrive
-        (`force`: whatever is ready, the synchronous driver's call after its last refill round).
+        (`force`: whatever is ready, the synchronous driver's call after its last refill round; `ids`:
+        exactly these ready groups, the ones a streamed update already trained on).
 
         Groups whose oldest token is more than k versions behind are dropped here (and replaced)."""
         for gid in [g for g, trajs in self.ready.items() if _oldest(trajs, version) < version - self.k]:
@@ -197,7 +198,8 @@ class SampleQueue:
         if not (full or force) and (self.inflight or self.capacity(version, version) > 0):
             return None
         # earliest deadline first: the group whose tokens are oldest can wait the least
-        ids = sorted(self.ready, key=lambda g: (_oldest(self.ready[g], version), g))[: self.want]
+        if ids is None:
+            ids = sorted(self.ready, key=lambda g: (_oldest(self.ready[g], version), g))[: self.want]
         groups = [self.ready.pop(g) for g in ids]
         for g in ids:
             self.ready_specs.pop(g, None)

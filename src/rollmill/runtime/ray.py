@@ -100,6 +100,7 @@ class RayRoles:
                         .remote(cfg, i, RayRewards(rewards)) for i in range(rt.rollout_workers)]
         self.engine = self._get(self.workers[0].engine_name.remote(), "rollout worker 0", 0)
         self._turn = 0
+        self._streamed: list = []
 
     # -- calls on the actors ----------------------------------------------------------------------
     def _get(self, refs, role: str, step: int, timeout: float | None = None):
@@ -110,14 +111,25 @@ class RayRoles:
                            f"{str(err).splitlines()[0]}") from err
 
     def train(self, groups: list[list[Trajectory]], step: int):
-        return (self.learner.train.remote(groups), step)
+        return ([self.learner.train.remote(groups)], step)
+
+    def begin_stream(self) -> None:
+        self._streamed = [self.learner.begin_stream.remote()]
+
+    def stream(self, groups: list[list[Trajectory]]) -> None:
+        self._streamed.append(self.learner.add_groups.remote(groups))
+
+    def finish_stream(self, step: int):
+        """The streamed update's handle: its parts' results too, so that a failed part is raised."""
+        parts, self._streamed = self._streamed, []
+        return (parts + [self.learner.finish_stream.remote()], step)
 
     def done(self, handle) -> bool:
-        ready, _ = ray.wait([handle[0]], timeout=0)
+        ready, _ = ray.wait([handle[0][-1]], timeout=0)
         return bool(ready)
 
     def result(self, handle) -> dict:
-        return self._get(handle[0], "learner", handle[1])
+        return self._get(handle[0], "learner", handle[1])[-1]
 
     def publish(self, version: int, wait: bool) -> float:
         """The learner's weights into the object store once, then to every worker as `version`."""

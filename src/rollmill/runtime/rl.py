@@ -10,6 +10,10 @@ queue, and once that holds a step's worth a long round runs them (synchronously:
 asynchronously: launched ahead of new prompts). A long round that runs past its time limit ends its
 samples where they are (`truncate`: their tokens are kept, finish reason "length").
 
+Streamed training (`runtime.streamed_training`, synchronous): each group goes to the learner as it
+completes, which runs its forward/backward while the rest of the step is still sampled; the step's
+batch is then exactly the groups streamed.
+
 Asynchronous (k > 0): workers keep up to k + 1 steps' worth of groups in flight; the queue hands the
 learner the oldest ready groups within the staleness bound, and while the learner trains the driver
 keeps collecting and launching. Weights are published without waiting; workers load them between
@@ -23,10 +27,11 @@ import pickle
 import time
 from pathlib import Path
 
-from rollmill.config import RunConfig
+from rollmill.config import ConfigError, RunConfig
 from rollmill.models import load_tokenizer
 from rollmill.pipelines import PIPELINES
 from rollmill.pipelines.common import spread
+from rollmill.runtime.learner import streaming_blockers
 from rollmill.runtime.queue import SampleQueue, StepData
 from rollmill.train import list_checkpoints
 from rollmill.types import GroupSpec
@@ -45,6 +50,10 @@ class RLJob:
         self.pipeline = PIPELINES[cfg.pipeline]
         self.headline = self.pipeline.headline
         self.source = self.pipeline.source(cfg)  # bad data fails before any model loads
+        self.streaming = cfg.runtime.streamed_training
+        if self.streaming and (reasons := streaming_blockers(cfg)):
+            raise ConfigError("runtime.streamed_training: this config's update has no streamed form: " + "; ".join(reasons))
+        self._streamed: list[int] = []  # this step's groups the learner already has
         self.tokenizer = load_tokenizer(cfg.model)
         self.queue = SampleQueue(cfg, self.pipeline.drop_failed_groups)
         self.roles = roles(cfg)
@@ -65,7 +74,10 @@ class RLJob:
         t_rollout = time.perf_counter() - t0
         if not data.groups:
             log.warning("step %d: no group to train on (all filtered or dropped); no update this step", self.step + 1)
-        handle = self.roles.train(data.groups, self.step + 1)
+        if self.streaming:
+            handle = self.roles.finish_stream(self.step + 1)
+        else:
+            handle = self.roles.train(data.groups, self.step + 1)
         while not self.sync and not self.roles.done(handle):
             self._launch(self.queue.capacity(self.published, self.step + 1))  # rollout runs on while the learner trains
             self._poll()
@@ -114,6 +126,9 @@ class RLJob:
         """One wave with the current weights (a tail-batching long round: the deferred groups), then
         dynamic sampling's refill rounds, then the batch."""
         want, rounds = self.cfg.rollout.prompts_per_step, 0
+        if self.streaming:
+            self.roles.begin_stream()
+            self._streamed = []
         deferred = self.queue.long_round()
         if deferred:
             self._submit(deferred, long=True)
@@ -126,7 +141,10 @@ class RLJob:
                 self.roles.cancel(self.queue.abandon())
             if len(self.queue.ready) >= want or not self.cfg.filters.dynamic_sampling or \
                     rounds >= self.cfg.filters.max_refill_rounds:
-                return self.queue.take(self.step, force=True), rounds
+                if not self.streaming:
+                    return self.queue.take(self.step, force=True), rounds
+                self._stream_ready()
+                return self.queue.take(self.step, force=True, ids=self._streamed), rounds
             rounds += 1
             self._launch(self.queue.refill())
 
@@ -180,6 +198,17 @@ class RLJob:
                     if (gid := self.queue.add(t)) is not None]
         if complete and self.queue.samples_per_group > self.cfg.rollout.group_size:
             self.roles.cancel(complete)  # redundant samples still running
+        if self.streaming:
+            self._stream_ready()
+
+    def _stream_ready(self) -> None:
+        """Send the learner the groups completed since the last call, up to the step's batch, in the
+        order they completed."""
+        room = self.cfg.rollout.prompts_per_step - len(self._streamed)
+        fresh = [gid for gid in self.queue.ready if gid not in self._streamed][:room]
+        if fresh:
+            self.roles.stream([self.queue.ready[gid] for gid in fresh])
+            self._streamed.extend(fresh)
 
     # -- evaluation, health, checkpoints ----------------------------------------------------------
     def evaluate(self) -> dict:

@@ -3,6 +3,10 @@
 One `step(batch)` = `ppo_epochs` passes over the rollout batch, each split into mini-batches
 (one optimizer step each) and micro-batches (gradient accumulation). Loss denominators are the
 mini-batch totals, so micro-batching changes memory, never the math.
+
+A streamed update (`begin_stream`, `add` per chunk, `finish_stream`) is the single-pass `step` with
+its batch arriving in chunks: each chunk's forward/backward runs as it comes, on the numerator of
+the loss, and the summed gradients are scaled by the batch's denominators once they are known.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +49,33 @@ def loss_params(algo: AlgorithmConfig, **inputs: Any) -> dict[str, Any]:
     return {n: inputs[n] if n in inputs else getattr(algo, n) for n in names}
 
 
+def stream_blockers(train_cfg: TrainConfig, algo: AlgorithmConfig, max_new_tokens: int | None = None,
+                    segment_mismatch_bound: float | None = None) -> list[str]:
+    """Why this trainer configuration has no streamed update (empty: it has): a streamed update is
+    `step`'s single pass, so anything that needs the old log-probs of the whole batch first, or a
+    loss denominator known only from the batch's shape, rules it out."""
+    reasons = []
+    if train_cfg.ppo_epochs != 1:
+        reasons.append(f"train.ppo_epochs={train_cfg.ppo_epochs}: several passes need the whole batch")
+    if algo.mismatch_ratio_bounds is not None:
+        reasons.append("algorithm.mismatch_ratio_bounds: the mismatch filter needs the old log-probs up front")
+    if segment_mismatch_bound is not None:
+        reasons.append("a segment mismatch bound needs the old log-probs up front")
+    if algo.loss_agg == "seq-mean-token-sum-norm" and max_new_tokens is None:
+        reasons.append("loss_agg seq-mean-token-sum-norm without max_new_tokens normalizes by the batch's width")
+    return reasons
+
+
+@dataclass
+class _Stream:
+    """A streamed update in progress: its metric sums and the counts its loss denominators need."""
+
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    rows: int = 0
+    tokens: float = 0.0  # valid tokens
+    seqs: float = 0.0  # rows with at least one valid token
+
+
 class PolicyTrainer:
     """Owns the optimizer and LR schedule of one policy; computes and applies the RL update."""
 
@@ -76,6 +108,7 @@ class PolicyTrainer:
             params, lr=train_cfg.lr, betas=train_cfg.betas, weight_decay=train_cfg.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(train_cfg))
+        self._stream: _Stream | None = None  # set between begin_stream and finish_stream
 
     def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """Log-probs [B, C] of the batch's completions under the frozen reference policy."""
@@ -134,6 +167,68 @@ class PolicyTrainer:
                 grad_norms.append(self._optimizer_step(batch.select(index), index, old_logp, ref_logp, sums))
         self.model.eval()
         self.scheduler.step()
+        metrics = self._metrics(sums, grad_norms)
+        if self.algo.mismatch_ratio_bounds is not None or by_segment:
+            metrics["mismatch/dropped_tokens"] = dropped
+        return metrics
+
+    def begin_stream(self) -> None:
+        """Start a streamed update: the same single-pass update as `step`, its batch given in chunks
+        (`add`) and applied by `finish_stream`. Raises ValueError if this configuration has no such form."""
+        reasons = stream_blockers(self.cfg, self.algo, self.max_new_tokens, self.segment_mismatch_bound)
+        if reasons:
+            raise ValueError("this update cannot be streamed: " + "; ".join(reasons))
+        self.optimizer.zero_grad(set_to_none=True)
+        # a single pass needs no old log-prob forward: its key is kept so both forms report the same metrics
+        self._timings = defaultdict(float, {"time/old_logprobs_s": 0.0, "time/ref_logprobs_s": 0.0})
+        self._mismatch_max = 0.0
+        self._stream = _Stream()
+
+    def add(self, batch: TrainBatch) -> None:
+        """Forward/backward on one chunk of a streamed update (its advantages already set).
+
+        The loss denominators (valid tokens, sequences) are those of the whole batch, unknown until
+        `finish_stream`; the loss is linear in them, so each chunk's loss is aggregated with
+        denominators 1 here and the summed gradients are scaled once at the end."""
+        s = self._stream
+        if s is None:
+            raise RuntimeError("add() outside a streamed update: call begin_stream() first")
+        if self.cfg.mini_batch_size is not None and s.rows + batch.size > self.cfg.mini_batch_size:
+            raise ValueError(f"{s.rows + batch.size} rows exceed train.mini_batch_size={self.cfg.mini_batch_size}: "
+                             "a streamed update is one mini-batch")
+        t0 = time.perf_counter()
+        ref_logp = None if self.ref_model is None else self._logprobs_no_grad(self.ref_model, batch)
+        self._timings["time/ref_logprobs_s"] += time.perf_counter() - t0
+        s.rows += batch.size
+        s.tokens += float(batch.mask.sum())
+        s.seqs += float((batch.mask.sum(-1) > 0).sum())
+        numerator = dict(mode=self.algo.loss_agg, num_tokens=1.0, num_seqs=1.0, norm_length=1.0)
+        self.model.train()
+        self._accumulate(batch, torch.arange(batch.size), None, ref_logp, s.sums, numerator)
+        self.model.eval()
+
+    def finish_stream(self) -> dict[str, float]:
+        """Apply the streamed update: scale the accumulated gradients by the batch's loss denominators,
+        clip, optimizer and LR-schedule step. Returns `step`'s metrics; {} (and no step, as for an
+        empty batch) when no rows were added."""
+        s, self._stream = self._stream, None
+        if s is None:
+            raise RuntimeError("finish_stream() outside a streamed update: call begin_stream() first")
+        if s.rows == 0:
+            return {}
+        agg = dict(mode=self.algo.loss_agg, num_tokens=s.tokens, num_seqs=s.seqs, norm_length=self.max_new_tokens)
+        # aggregate_loss of one token of loss 1 is exactly the factor it applies to a loss sum, whatever the mode
+        scale = float(aggregate_loss(torch.ones(1, 1), torch.ones(1, 1), **agg))
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        s.sums["loss"] *= scale
+        grad_norm = self._apply_gradients()
+        self.scheduler.step()
+        return self._metrics(s.sums, [grad_norm])
+
+    def _metrics(self, sums: dict[str, float], grad_norms: list[float]) -> dict[str, float]:
+        """The update's metrics from its sums: per-token means, the loss per optimizer step, timings."""
         loss_sum = sums.pop("loss")
         tokens = max(sums.pop("tokens"), 1.0)
         mismatch, mismatch_tokens = sums.pop("logprob_mismatch", 0.0), sums.pop("mismatch_tokens", 0.0)
@@ -145,8 +240,6 @@ class PolicyTrainer:
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["logprob_mismatch_max"] = self._mismatch_max
         metrics.update(self._timings)
-        if self.algo.mismatch_ratio_bounds is not None or by_segment:
-            metrics["mismatch/dropped_tokens"] = dropped
         return metrics
 
     def _current_version(self, mask: torch.Tensor, versions: torch.Tensor | None) -> torch.Tensor:
@@ -157,10 +250,18 @@ class PolicyTrainer:
         return mask * (versions == self.version)
 
     def _optimizer_step(self, mini: TrainBatch, index, old_logp, ref_logp, sums) -> float:
-        num_tokens = float(mini.mask.sum())
-        num_seqs = float((mini.mask.sum(-1) > 0).sum())
-        norm_length = self.max_new_tokens or mini.completion_width
+        agg = dict(mode=self.algo.loss_agg, num_tokens=float(mini.mask.sum()),
+                   num_seqs=float((mini.mask.sum(-1) > 0).sum()),
+                   norm_length=self.max_new_tokens or mini.completion_width)
         self.optimizer.zero_grad(set_to_none=True)
+        self._accumulate(mini, index, old_logp, ref_logp, sums, agg)
+        return self._apply_gradients()
+
+    def _accumulate(self, mini: TrainBatch, index, old_logp, ref_logp, sums, agg: dict) -> None:
+        """Forward/backward over the micro-batches of `mini`, adding to the gradients and to `sums`.
+
+        `agg` holds aggregate_loss's mode and denominators; `index` maps rows of `mini` into `old_logp`
+        and `ref_logp` (None: a single pass, where the detached current log-probs are the old ones)."""
         t0 = time.perf_counter()
         for sl, micro in mini.micro_batches(self.cfg.micro_batch_size):
             logp, entropy = completion_logprobs(self.model, micro, self.temperature, with_entropy=True)
@@ -174,7 +275,6 @@ class PolicyTrainer:
             if self.algo.tis_cap is not None:
                 token_loss = token_loss * tis_weights(old, micro.behaviour_logprobs, micro.mask, self.algo.tis_cap,
                                                       self.algo.tis_level)
-            agg = dict(mode=self.algo.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
             loss = aggregate_loss(token_loss, micro.mask, **agg)
             m = micro.mask
             if ref_logp is not None:
@@ -197,10 +297,13 @@ class PolicyTrainer:
                     sums["mismatch_tokens"] += float(current.sum())
                     self._mismatch_max = max(self._mismatch_max, float(gap.max()))
                 sums["tokens"] += float(m.sum())
-        t1 = time.perf_counter()
+        self._timings["time/forward_backward_s"] += time.perf_counter() - t0
+
+    def _apply_gradients(self) -> float:
+        """Clip the accumulated gradients and take the optimizer step; returns the norm before clipping."""
+        t0 = time.perf_counter()
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         self.optimizer.step()
-        self._timings["time/forward_backward_s"] += t1 - t0
-        self._timings["time/optimizer_s"] += time.perf_counter() - t1
+        self._timings["time/optimizer_s"] += time.perf_counter() - t0
         return float(grad_norm)
