@@ -9,6 +9,8 @@ of steps (so the same number of samples) from the same weights:
   train what finishes first; the cut-off prompts train together in long rounds);
 - `k1`: max_staleness 1 with rollout yielding the cores to the learner (the best async setting on a
   machine where both share the cores; see benchmarks/async.py);
+- `tail_streamed`: tail batching with streamed training (the learner runs each group's forward and
+  backward as it completes, while the round's other groups are still sampled);
 - `both`: tail batching with max_staleness 1 (and rollout yielding).
 
 For each: wall time per trained sample and its ratio to sync, the engine's mean rows per decode step
@@ -35,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from runs import count_trained, quiet_logging, time_updates
+from runs import quiet_logging, time_updates
 
 from rollmill.config import config_from_dict
 from rollmill.runtime.local import LocalRoles
@@ -45,6 +47,7 @@ MODES = {
     "sync": {},
     "tail": {"tail_batching": {"enabled": True}},
     "k1": {"async": {"max_staleness": 1}, "runtime": {"rollout_yields": True}},
+    "tail_streamed": {"tail_batching": {"enabled": True}, "runtime": {"streamed_training": True}},
     "both": {"tail_batching": {"enabled": True}, "async": {"max_staleness": 1}, "runtime": {"rollout_yields": True}},
 }
 
@@ -74,13 +77,13 @@ def run_mode(mode: str, args, evaluate_before: bool) -> dict:
             out = {"before": job.evaluate()[job.headline] if evaluate_before else None}
             engine = job.roles.workers[0].engine
             load0 = job.roles.engine_load()
-            trained, updates = count_trained(job), time_updates(job)
+            updates = time_updates(job)
             start, records = time.perf_counter(), []
             for _ in range(args.steps):
                 records.append(job.train_step()[0])
             wall = time.perf_counter() - start
             load = {k: v - load0[k] for k, v in job.roles.engine_load().items()}
-            out.update(wall=wall, trained=trained(), rows=load["rows"] / max(1, load["steps"]),
+            out.update(wall=wall, trained=sum(u["samples"] for u in updates), rows=load["rows"] / max(1, load["steps"]),
                        occupancy=load["rows"] / max(1, load["slots"]),
                        long_rounds=sum(r.get("tail/long_round", 0.0) for r in records),
                        deferred=sum(r.get("tail/deferred_prompts", 0.0) for r in records),
@@ -149,12 +152,12 @@ def main() -> None:
     base = results[modes[0]]
     if args.record:
         record(results, args, args.record)
-    print(f"{'mode':<6} {'samples':>7} {'wall s':>7} {'s/sample':>8} {'x ' + modes[0]:>7} {'rows/step':>9} "
+    print(f"{'mode':<13} {'samples':>7} {'wall s':>7} {'s/sample':>8} {'x ' + modes[0]:>7} {'rows/step':>9} "
           f"{'occupancy':>9} {'rollout':>7} {'long':>4} {'deferred':>8} {'held-out':>14}")
     fields = {"heldout_before": round(base["before"], 3)}
     for mode, r in results.items():
         speedup = base["s_per_sample"] / r["s_per_sample"]
-        print(f"{mode:<6} {r['trained']:>7} {r['wall']:>7.0f} {r['s_per_sample']:>8.2f} {speedup:>7.2f} {r['rows']:>9.1f} "
+        print(f"{mode:<13} {r['trained']:>7} {r['wall']:>7.0f} {r['s_per_sample']:>8.2f} {speedup:>7.2f} {r['rows']:>9.1f} "
               f"{r['occupancy']:>9.1%} {r['rollout']:>7.0%} {r['long_rounds']:>4.0f} {r['deferred']:>8.0f} {base['before']:>6.3f}->{r['after']:<6.3f}")
         fields.update({f"{mode}_s_per_sample": round(r["s_per_sample"], 3), f"{mode}_x_{modes[0]}": round(speedup, 2),
                        f"{mode}_rows_per_step": round(r["rows"], 1),

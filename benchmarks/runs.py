@@ -22,23 +22,33 @@ def count_trained(job) -> Callable[[], int]:
 
 def time_updates(job) -> list[dict]:
     """Wrap the local learner's update so each one is recorded as {samples, tokens, seconds, lengths,
-    prompt_tokens} (the learner's own time, apart from the rollout it may overlap with; the reply
-    lengths and the prompt length of each group it trained); return the growing list."""
+    prompt_tokens} (the learner's own time, apart from the rollout it may overlap with; a streamed
+    update's parts added up; the reply lengths and the prompt length of each group it trained);
+    return the growing list."""
     import time
 
-    updates, learner = [], job.roles.learner
-    train = learner.train
+    updates, learner, part = [], job.roles.learner, {}
+    train, add, finish = learner.train, learner.add_groups, learner.finish_stream
 
-    def timed(groups):
-        t0 = time.perf_counter()
-        out = train(groups)
+    def note(groups, seconds):
         trajs = [t for g in groups for t in g]
-        updates.append({"samples": len(trajs), "tokens": sum(t.sampled_tokens for t in trajs),
-                        "seconds": time.perf_counter() - t0, "lengths": [[t.sampled_tokens for t in g] for g in groups],
-                        "prompt_tokens": [len(g[0].rows[0].prompt_ids) for g in groups]})
-        return out
+        for key, value in (("samples", len(trajs)), ("tokens", sum(t.sampled_tokens for t in trajs)), ("seconds", seconds),
+                           ("lengths", [[t.sampled_tokens for t in g] for g in groups]),
+                           ("prompt_tokens", [len(g[0].rows[0].prompt_ids) for g in groups])):
+            part[key] = part.get(key, 0 if not isinstance(value, list) else []) + value
 
-    learner.train = timed
+    def timed(fn, record):
+        def call(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            note(args[0] if args else [], time.perf_counter() - t0)
+            if record:
+                updates.append(dict(part))
+                part.clear()
+            return out
+        return call
+
+    learner.train, learner.add_groups, learner.finish_stream = timed(train, True), timed(add, False), timed(finish, True)
     return updates
 
 

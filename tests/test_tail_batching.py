@@ -178,3 +178,24 @@ def test_with_bounded_staleness_groups_that_cannot_train_in_time_wait_for_a_long
     left = {s.group_id for s in job.queue.long} | set(job.queue.inflight) | set(job.queue.ready)
     assert not left & set(ids)
     assert set(range(job.source.groups_started)) == set(ids) | left  # none lost
+
+
+def test_a_synchronous_surplus_group_waits_for_a_long_round_instead_of_going_stale(tiny_cfg):
+    """Groups completing together can overfill a synchronous step; the surplus was sampled with weights
+    no later update may train on, so its prompt is deferred (sampled again), not lost."""
+    def group(gid: int) -> list[Trajectory]:
+        out = []
+        for i in range(4):
+            row = Row([1])
+            row.append_sampled([5], [-1.0], [0], turn=0)
+            out.append(Trajectory(gid, i, gid, [row]))
+        return out
+
+    queue = SampleQueue(tail_cfg(tiny_cfg), drop_failed_groups=False)
+    queue.launched([GroupSpec(g, g, None, tuple(range(6))) for g in range(3)], version=0)
+    for gid in range(3):
+        for traj in group(gid):
+            queue.add(traj)
+    data = queue.take(0, force=True)
+    assert [g[0].group_id for g in data.groups] == [0, 1] and not queue.ready
+    assert [(s.group_id, s.attempt) for s in queue.long] == [(2, 1)] and data.counts["tail/deferred_prompts"] == 1.0

@@ -184,14 +184,7 @@ class SampleQueue:
 
         Groups whose oldest token is more than k versions behind are dropped here (and replaced)."""
         for gid in [g for g, trajs in self.ready.items() if _oldest(trajs, version) < version - self.k]:
-            spec = self.ready_specs.pop(gid, None)
-            if self.tail and spec is not None:  # sampled in vain, but the prompt is not lost: a long round takes it
-                del self.ready[gid]
-                self.long.append(self._again(spec))
-                self.count("tail/deferred_prompts")
-                continue
-            self.dropped.append(self.ready.pop(gid))
-            self.count("async/stale_groups")
+            self._expire(gid)
         if not force and any(g.long and g.version + self.k <= version for g in self.inflight.values()):
             return None  # a long-round group can train in no later update: this one waits for it
         full = len(self.ready) >= self.want
@@ -203,6 +196,9 @@ class SampleQueue:
         groups = [self.ready.pop(g) for g in ids]
         for g in ids:
             self.ready_specs.pop(g, None)
+        if self.k == 0:  # synchronous: a surplus group can train in no later update
+            for gid in list(self.ready):
+                self._expire(gid)
         seen = sorted(groups + self.dropped, key=lambda g: g[0].group_id)
         if self.tail:
             self.counts["tail/long_groups"] = float(len(self.long_ids & set(ids)))
@@ -211,6 +207,17 @@ class SampleQueue:
         self.dropped, self.counts, self.spent = [], {}, 0
         self.refills_left = self._refill_budget()
         return data
+
+    def _expire(self, gid: int) -> None:
+        """A ready group too old for any later update: with tail batching its prompt waits for a long
+        round (sampled again), otherwise it is dropped as stale."""
+        spec, trajs = self.ready_specs.pop(gid, None), self.ready.pop(gid)
+        if self.tail and spec is not None:
+            self.long.append(self._again(spec))
+            self.count("tail/deferred_prompts")
+        else:
+            self.dropped.append(trajs)
+            self.count("async/stale_groups")
 
     def abandon(self) -> list[int]:
         """Stop the groups still in flight (a synchronous step that already has its groups); return their
