@@ -101,14 +101,17 @@ def run_mode(mode: str, args, evaluate_before: bool) -> dict:
 def _settings(cfg) -> dict:
     tb = cfg.tail_batching
     return {"max_staleness": cfg.async_.max_staleness, "tail_batching": tb.enabled, "prompt_factor": tb.prompt_factor,
-            "sample_factor": tb.sample_factor, "rollout_yields": cfg.runtime.rollout_yields}
+            "sample_factor": tb.sample_factor, "rollout_yields": cfg.runtime.rollout_yields,
+            "streamed_training": cfg.runtime.streamed_training}
 
 
 def record(results: dict, args, path: str) -> None:
     """What benchmarks/simulate.py fits its model to and compares its predictions with."""
     runs = list(results.values())
     by_rows: dict[int, list] = {}
-    for r in runs:
+    # the step-time curve from modes where the engine has the cores to itself (synchronous, not
+    # streamed: rollout and update take turns); overlapped modes would fold contention into it
+    for r in [r for r in runs if r["settings"]["max_staleness"] == 0 and not r["settings"]["streamed_training"]]:
         for rows, (steps, seconds) in r["engine"].by_rows.items():
             entry = by_rows.setdefault(rows, [0, 0.0])
             entry[0] += steps
