@@ -9,6 +9,8 @@ of steps (so the same number of samples) from the same weights:
   train what finishes first; the cut-off prompts train together in long rounds);
 - `k1`: max_staleness 1 with rollout yielding the cores to the learner (the best async setting on a
   machine where both share the cores; see benchmarks/async.py);
+- `tail_wide`: tail batching with both factors 1.5 (more over-provisioning: fuller short rounds,
+  more deferred prompts, a stronger pull towards short replies within a group);
 - `tail_streamed`: tail batching with streamed training (the learner runs each group's forward and
   backward as it completes, while the round's other groups are still sampled);
 - `both`: tail batching with max_staleness 1 (and rollout yielding).
@@ -47,6 +49,7 @@ MODES = {
     "sync": {},
     "tail": {"tail_batching": {"enabled": True}},
     "k1": {"async": {"max_staleness": 1}, "runtime": {"rollout_yields": True}},
+    "tail_wide": {"tail_batching": {"enabled": True, "prompt_factor": 1.5, "sample_factor": 1.5}},
     "tail_streamed": {"tail_batching": {"enabled": True}, "runtime": {"streamed_training": True}},
     "both": {"tail_batching": {"enabled": True}, "async": {"max_staleness": 1}, "runtime": {"rollout_yields": True}},
 }
@@ -109,15 +112,16 @@ def record(results: dict, args, path: str) -> None:
     """What benchmarks/simulate.py fits its model to and compares its predictions with."""
     runs = list(results.values())
     by_rows: dict[int, list] = {}
-    # the step-time curve from modes where the engine has the cores to itself (synchronous, not
-    # streamed: rollout and update take turns); overlapped modes would fold contention into it
-    for r in [r for r in runs if r["settings"]["max_staleness"] == 0 and not r["settings"]["streamed_training"]]:
+    # the step-time curve and the update times from modes where rollout and update take turns
+    # (synchronous, not streamed): overlapped modes would fold contention into both
+    alone = [r for r in runs if r["settings"]["max_staleness"] == 0 and not r["settings"]["streamed_training"]] or runs
+    for r in alone:
         for rows, (steps, seconds) in r["engine"].by_rows.items():
             entry = by_rows.setdefault(rows, [0, 0.0])
             entry[0] += steps
             entry[1] += seconds
-    prefill_s = sum(r["engine"].prefill_s for r in runs)
-    prefill_tokens = sum(r["engine"].prefill_tokens for r in runs)
+    prefill_s = sum(r["engine"].prefill_s for r in alone)
+    prefill_tokens = sum(r["engine"].prefill_tokens for r in alone)
     base = results.get("sync", runs[0])
     groups = [g for u in base["updates"] for g in u["lengths"]]
     prompts = [n for u in base["updates"] for n in u["prompt_tokens"]]
@@ -129,7 +133,7 @@ def record(results: dict, args, path: str) -> None:
         "groups": groups,
         "decode_step_s": [[rows, steps, seconds] for rows, (steps, seconds) in sorted(by_rows.items())],
         "prefill_s_per_token": prefill_s / max(1, prefill_tokens),
-        "train": [[u["samples"], u["tokens"], u["seconds"]] for r in runs for u in r["updates"]],
+        "train": [[u["samples"], u["tokens"], u["seconds"]] for r in alone for u in r["updates"]],
         "sync_s": sum(sync_s) / max(1, len(sync_s)),
         "modes": {mode: {"settings": r["settings"], "steps": args.steps, "s_per_step": r["wall"] / args.steps,
                          "s_per_trained_sample": r["s_per_sample"], "rows_per_decode_step": r["rows"]}
@@ -142,7 +146,7 @@ def record(results: dict, args, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--modes", default="sync,tail,k1,both")
+    parser.add_argument("--modes", default="sync,tail,tail_wide,tail_streamed,k1,both")
     parser.add_argument("--steps", type=int, default=5, help="trained steps per mode (4 prompts x 8 samples each)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="the reply budget (the tail's length)")
     parser.add_argument("--seed", type=int, default=0)

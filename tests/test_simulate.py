@@ -62,8 +62,9 @@ def test_sync_step_is_prefill_decode_train_and_sync():
     lat = LatencyModel(decode_a=0.5, decode_b=0.25, prefill_s_per_token=0.01, train_c0=2.0, train_c1=0.1, sync_s=0.7)
     w = one_engine(prompts=2, group_size=3, prompt_tokens=10)
     r = simulate(w, lat, FixedLengths(4), Policy("sync"), steps=3)
-    # 6 prompts of 10 tokens prefilled (0.6 s), 4 decode steps of 6 rows (4 x 2.0 s), 24 tokens trained
-    expected = 0.6 + 4 * (0.5 + 0.25 * 6) + 2.0 + 0.1 * 24 + 0.7
+    # 2 prompts of 10 tokens prefilled once for their 3 samples each (0.2 s), 4 decode steps of 6 rows
+    # (4 x 2.0 s), 24 tokens trained
+    expected = 0.2 + 4 * (0.5 + 0.25 * 6) + 2.0 + 0.1 * 24 + 0.7
     assert r.step_s == pytest.approx(expected)
     assert r.s_per_sample == pytest.approx(expected / 6)
     assert r.learner_idle == pytest.approx(1 - (2.0 + 2.4 + 0.7) / expected)

@@ -48,7 +48,7 @@ class Engine:
     samples waiting for a free row. `step_s` is 0 while it does not decode (idle or paused)."""
 
     __slots__ = ("idx", "rows", "nrows", "dead", "waiting", "load", "progress", "t_mark", "step_s", "rows_now",
-                 "token", "next_t", "decoding")
+                 "token", "next_t", "decoding", "prefilled")
 
     def __init__(self, idx: int):
         self.idx = idx
@@ -59,6 +59,7 @@ class Engine:
         self.load = 0  # live samples running or waiting: what assignment balances
         self.progress, self.t_mark, self.step_s, self.rows_now = 0, 0.0, 0.0, 0
         self.token, self.next_t, self.decoding = 0, None, False
+        self.prefilled: set[int] = set()  # groups whose prompt this engine has prefilled (later samples reuse it)
 
 
 class Sim:
@@ -200,7 +201,9 @@ class Sim:
             s.state = RUNNING
             heapq.heappush(e.rows, (e.progress + s.length, s.sid, s))
             e.nrows += 1
-            prefill += self.w.prompt_tokens * self.lat.prefill_s_per_token
+            if s.group.gid not in e.prefilled:  # a group's samples share one prefill (engines merge and cache prompts)
+                e.prefilled.add(s.group.gid)
+                prefill += self.w.prompt_tokens * self.lat.prefill_s_per_token
         if not slow or e.nrows == 0:
             e.step_s = 0.0
             self._set_decoding(e, False)

@@ -25,7 +25,7 @@ class Workload:
     group_size: int  # G: samples trained per group
     engines: int = 1
     engine_batch_size: int = 64  # rows one engine decodes per step at most (continuous batching)
-    prompt_tokens: float = 0.0  # prefilled once per sample when the engine admits it
+    prompt_tokens: float = 0.0  # prefilled once per group and engine, when its first sample is admitted
     shared_cores: bool = False
 
 
@@ -34,7 +34,8 @@ class LatencyModel:
     """How long things take, in seconds.
 
     - a decode step over `rows` rows: `decode_a + decode_b * rows`;
-    - admitting a sample: `prefill_s_per_token * prompt_tokens` (before the engine's next decode step);
+    - admitting a group's first sample on an engine: `prefill_s_per_token * prompt_tokens` (before the
+      engine's next decode step; its other samples reuse the prefill, as engines merge and cache prompts);
     - an update: `train_c0 + train_c1 * x`, x the trained samples' reply tokens (or the trained samples
       when `train_per_sample`), then `sync_s` to publish the weights;
     - `contention`: with shared cores, the factor by which both engine and learner slow down while
