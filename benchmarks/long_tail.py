@@ -13,6 +13,8 @@ of steps (so the same number of samples) from the same weights:
   more deferred prompts, a stronger pull towards short replies within a group);
 - `tail_streamed`: tail batching with streamed training (the learner runs each group's forward and
   backward as it completes, while the round's other groups are still sampled);
+- `tail_s15`, `tail_s15_streamed`: sample factor 1.5 (the first 8 of 12 replies kept; the
+  setting the simulator picked for this machine), without and with streamed training;
 - `both`: tail batching with max_staleness 1 (and rollout yielding).
 
 For each: wall time per trained sample and its ratio to sync, the engine's mean rows per decode step
@@ -51,6 +53,8 @@ MODES = {
     "k1": {"async": {"max_staleness": 1}, "runtime": {"rollout_yields": True}},
     "tail_wide": {"tail_batching": {"enabled": True, "prompt_factor": 1.5, "sample_factor": 1.5}},
     "tail_streamed": {"tail_batching": {"enabled": True}, "runtime": {"streamed_training": True}},
+    "tail_s15": {"tail_batching": {"enabled": True, "sample_factor": 1.5}},
+    "tail_s15_streamed": {"tail_batching": {"enabled": True, "sample_factor": 1.5}, "runtime": {"streamed_training": True}},
     "both": {"tail_batching": {"enabled": True}, "async": {"max_staleness": 1}, "runtime": {"rollout_yields": True}},
 }
 
