@@ -35,7 +35,6 @@ class _Group:
     version: int  # the rollout weights when it was launched
     trajs: list[Trajectory] = field(default_factory=list)
     arrived: int = 0
-    long: bool = False  # launched by a long round: never cut again
 
 
 @dataclass
@@ -66,7 +65,7 @@ class SampleQueue:
         self.counts: dict[str, float] = {}
         self.tail = cfg.tail_batching.enabled
         self.long: list[GroupSpec] = []  # prompts cut off by a short round, oldest first
-        self.long_ids: set[int] = set()  # groups launched by a long round, until they train or drop
+        self.long_ids: set[int] = set()  # groups launched by a long round (never cut again), until they train or drop
 
     def _refill_budget(self) -> int:
         f = self.cfg.filters
@@ -102,13 +101,14 @@ class SampleQueue:
 
     def launched(self, specs: list[GroupSpec], version: int, long: bool = False) -> None:
         for spec in specs:
-            self.inflight[spec.group_id] = _Group(spec, version, long=long)
+            self.inflight[spec.group_id] = _Group(spec, version)
         if long:
             self.long_ids |= {s.group_id for s in specs}
 
     @property
-    def long_inflight(self) -> bool:
-        return any(g.long for g in self.inflight.values())
+    def long_inflight(self) -> list[int]:
+        """The long-round groups in flight."""
+        return [gid for gid in self.inflight if gid in self.long_ids]
 
     # -- arrivals ---------------------------------------------------------------------------------
     def add(self, traj: Trajectory) -> int | None:
@@ -185,7 +185,7 @@ class SampleQueue:
         Groups whose oldest token is more than k versions behind are dropped here (and replaced)."""
         for gid in [g for g, trajs in self.ready.items() if _oldest(trajs, version) < version - self.k]:
             self._expire(gid)
-        if not force and any(g.long and g.version + self.k <= version for g in self.inflight.values()):
+        if not force and any(self.inflight[g].version + self.k <= version for g in self.long_inflight):
             return None  # a long-round group can train in no later update: this one waits for it
         full = len(self.ready) >= self.want
         if not (full or force) and (self.inflight or self.capacity(version, version) > 0):
@@ -243,7 +243,7 @@ class SampleQueue:
         """Asynchronous tail batching: short-round groups in flight that can no longer train in update
         `next_update` or later (their launch weights would be more than k behind): the driver defers
         them instead of letting them run on to be dropped as stale."""
-        return [gid for gid, g in self.inflight.items() if not g.long and g.version < next_update - self.k]
+        return [gid for gid, g in self.inflight.items() if gid not in self.long_ids and g.version < next_update - self.k]
 
     def long_round(self) -> list[GroupSpec]:
         """The groups of a long round, oldest first, once the long-prompt queue holds a step's worth."""

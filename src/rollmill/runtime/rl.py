@@ -187,7 +187,7 @@ class RLJob:
             return
         if time.perf_counter() - self._long_started > factor * sum(self._step_s) / len(self._step_s):
             self._long_started = None
-            self.roles.truncate([gid for gid, g in self.queue.inflight.items() if g.long])
+            self.roles.truncate(self.queue.long_inflight)
             self.queue.count("tail/truncated_long_rounds")
 
     def _poll(self) -> None:
