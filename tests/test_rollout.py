@@ -93,8 +93,24 @@ def test_update_weights_copies_foreign_state_and_sets_version(engine):
     sp = SamplingParams(temperature=0.0, max_new_tokens=6)
     assert fresh.generate(p, sp)[0].token_ids == HFEngine(other, tok).generate(p, sp)[0].token_ids
     assert fresh.generate(p, sp)[0].policy_version == 5
-    with pytest.raises(ValueError, match="misses"):
-        fresh.update_weights({}, version=6)
+    with pytest.raises(ValueError, match="does not have"):
+        fresh.update_weights({"lm_head.weight.typo": other.lm_head.weight}, version=6)
+    with pytest.raises(ValueError, match="shape"):
+        fresh.update_weights({"lm_head.weight": other.lm_head.weight[:1]}, version=6)
+
+
+def test_update_weights_takes_a_subset_and_leaves_the_rest(engine):
+    """An update that sends only what changed (LoRA's adapted layers) copies those tensors alone."""
+    tok = engine.tokenizer
+    fresh = HFEngine(build_tiny_model(len(tok), seed=1), tok)
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    new = torch.full_like(before[name], 0.5)
+    fresh.update_weights({name: new}, version=2)
+    after = fresh.model.state_dict()
+    assert torch.equal(after[name], new)
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k != name)
+    assert fresh.version == 2
 
 
 def test_empty_prompt_is_rejected(engine):

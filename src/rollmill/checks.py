@@ -11,7 +11,7 @@ import inspect
 from pathlib import Path
 from typing import Any, Iterator
 
-from rollmill.algos import ADVANTAGE_NAMES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+from rollmill.algos import ADVANTAGE_NAMES, CRITIC_ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from rollmill.algos.losses import loss_param_names
 from rollmill.config import AlgorithmConfig, ConfigError, EnvConfig, RewardConfig, RunConfig, load_config
 from rollmill.envs import ENVS, check_env_kwargs
@@ -31,7 +31,8 @@ _ALGO_REGISTRIES = {
 def check_config(cfg: RunConfig) -> RunConfig:
     """Return `cfg` if every registry name in it exists and takes the arguments given, else raise
     ConfigError listing every problem, each naming the key, its value and what is allowed."""
-    problems = [*_algorithm_problems(cfg.algorithm), *_reward_problems(cfg.reward), *_env_problems(cfg.env)]
+    problems = [*_algorithm_problems(cfg.algorithm), *_reward_problems(cfg.reward), *_env_problems(cfg.env),
+                *_data_parallel_problems(cfg)]
     if problems:
         # the shape of load_config's errors, so both read the same
         raise ConfigError("invalid config:\n  " + "\n  ".join(f"{key} = {value!r}: {msg}" for key, value, msg in problems))
@@ -41,6 +42,20 @@ def check_config(cfg: RunConfig) -> RunConfig:
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """`load_config` (YAML, overrides, validation) followed by `check_config`."""
     return check_config(load_config(path, overrides))
+
+
+def _data_parallel_problems(cfg: RunConfig) -> Iterator[Problem]:
+    """What a data-parallel learner (runtime.learner.ranks > 1) cannot run yet."""
+    ranks = cfg.runtime.learner.ranks
+    if ranks == 1:
+        return
+    if cfg.runtime.backend != "ray":
+        yield "runtime.learner.ranks", ranks, "data-parallel ranks are Ray actors: set runtime.backend to 'ray'"
+    if cfg.algorithm.advantage in CRITIC_ADVANTAGES:
+        yield ("runtime.learner.ranks", ranks, f"advantage {cfg.algorithm.advantage!r} trains a critic, which is not "
+               "sharded yet: use ranks 1 or a critic-free estimator")
+    if cfg.runtime.streamed_training:
+        yield "runtime.streamed_training", True, "a streamed update is one process's: turn it off with ranks > 1"
 
 
 def _algorithm_problems(algo: AlgorithmConfig) -> Iterator[Problem]:

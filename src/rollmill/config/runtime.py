@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rollmill.config.base import Strict
+from rollmill.config.base import Strict, check_device
 
 
 class AsyncConfig(Strict):
@@ -66,6 +66,20 @@ class RoleResources(Strict):
     num_gpus: float = Field(0.0, ge=0.0, description="Ray scheduling only")
     threads: int | None = Field(None, gt=0, description="torch threads for this role's compute; None = the "
                                                         "process's setting (every core; on Ray, the node's cores)")
+    device: str | None = Field(None, description="this role's device (auto, cpu, cuda, cuda:N); None = model.device")
+
+    @model_validator(mode="after")
+    def _device_name(self):
+        if self.device is not None:
+            check_device(self.device)
+        return self
+
+
+class LearnerResources(RoleResources):
+    """The learner: `ranks` data-parallel processes (FSDP2 over torch.distributed), each with these resources."""
+
+    ranks: int = Field(1, gt=0, description="data-parallel training processes; > 1 runs the learner as a group "
+                                            "of Ray actors that shard the weights with FSDP2 (runtime.backend: ray)")
 
 
 class RuntimeConfig(Strict):
@@ -75,7 +89,7 @@ class RuntimeConfig(Strict):
     ray_address: str | None = Field(None, description="join this Ray cluster; None starts a local head")
     rollout_workers: int = Field(1, gt=0, description="engines, each with its own copy of the weights")
     reward_workers: int = Field(2, gt=0, description="concurrent reward scorers (threads locally, actors on Ray)")
-    learner: RoleResources = RoleResources()
+    learner: LearnerResources = LearnerResources()
     rollout: RoleResources = RoleResources()
     reward: RoleResources = RoleResources(num_cpus=0.0)
     poll_s: float = Field(0.05, gt=0.0, description="how often the driver collects finished samples")

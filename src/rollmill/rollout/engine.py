@@ -175,19 +175,23 @@ class BatchEngine(EngineBase):
 
 
 def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], engine: str) -> None:
-    """Copy `state` into `model` in place; a no-op when `state` already is the model's own tensors."""
+    """Copy `state` into `model` in place: all of its tensors, or some (an update that sends only what
+    changed, e.g. LoRA's adapted layers); a no-op when `state` already is the model's own tensors.
+    A name the model does not have, or a shape that differs, is an error (nothing is copied then)."""
     own = model.state_dict()
     if all(name in state and state[name].data_ptr() == t.data_ptr() for name, t in own.items()):
         return
-    missing = set(own) - set(state)
-    if missing:
-        raise ValueError(f"{engine} engine: update_weights state misses {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    unknown = set(state) - set(own)
+    if unknown:
+        raise ValueError(f"{engine} engine: update_weights got {len(unknown)} tensors the model does not have, "
+                         f"e.g. {sorted(unknown)[:3]}")
+    for name, t in state.items():
+        if t.shape != own[name].shape:
+            raise ValueError(f"{engine} engine: update_weights got {name} with shape {tuple(t.shape)}, "
+                             f"expected {tuple(own[name].shape)}")
     with torch.no_grad():
-        for name, t in own.items():
-            if state[name].shape != t.shape:
-                raise ValueError(f"{engine} engine: update_weights got {name} with shape {tuple(state[name].shape)}, "
-                                 f"expected {tuple(t.shape)}")
-            t.copy_(state[name])
+        for name, t in state.items():
+            own[name].copy_(t)
 
 
 class WeightSyncError(RuntimeError):

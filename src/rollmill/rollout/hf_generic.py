@@ -31,6 +31,7 @@ class GenericHFEngine(BatchEngine):
         self.version = version
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = {tokenizer.eos_token_id}
+        self.device = model.get_output_embeddings().weight.device
 
     def update_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
         copy_weights(self.model, state, engine=self.name)
@@ -54,6 +55,7 @@ class GenericHFEngine(BatchEngine):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions, rows = ids.to(self.device), mask.to(self.device), positions.to(self.device), rows.to(self.device)
         cache = DynamicCache()
         logits = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
@@ -73,7 +75,8 @@ class GenericHFEngine(BatchEngine):
         live = list(range(total))
         while live:
             rs = [requests[i] for i in live]
-            next_tok, next_lp = sample_rows(logits, [(r.sampling.temperature, r.sampling.top_p) for r in rs],
+            # sampling runs on the CPU whatever the model's device: per-request seeds then draw the same
+            next_tok, next_lp = sample_rows(logits.cpu(), [(r.sampling.temperature, r.sampling.top_p) for r in rs],
                                             [r.seed for r in rs], [r.offset + len(tokens[i]) for r, i in zip(rs, live)])
             keep = []
             for row, (seq, tok, lp) in enumerate(zip(live, next_tok.tolist(), next_lp.tolist())):
@@ -86,12 +89,13 @@ class GenericHFEngine(BatchEngine):
                     keep.append(row)
             if not keep:
                 break
+            next_tok = next_tok.to(self.device)
             if len(keep) < len(live):
-                index = torch.tensor(keep)
+                index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(index)
                 next_tok, mask, last_pos = next_tok[index], mask[index], last_pos[index]
                 live = [live[k] for k in keep]
-            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype)], dim=1)
+            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=self.device)], dim=1)
             last_pos = last_pos + 1
             logits = self.model(
                 input_ids=next_tok[:, None], attention_mask=mask, position_ids=last_pos[:, None],

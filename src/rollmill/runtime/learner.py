@@ -12,16 +12,24 @@ update has a streamed form that is the same update.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, load_model as load_safetensors_into
 
 from rollmill.algos import CRITIC_ADVANTAGES
 from rollmill.config import RunConfig
 from rollmill.models import load_model
+from rollmill.models.device import role_device
+from rollmill.models.lora import (ADAPTER_CONFIG, adapter_config_json, adapter_file_state, adapter_model_state,
+                                  add_adapters, lora_scalings, merged_weights)
 from rollmill.pipelines import PIPELINES
 from rollmill.pipelines.common import seed_everything
-from rollmill.train import PolicyTrainer, load_checkpoint, save_checkpoint
+from rollmill.train import PolicyTrainer
+from rollmill.train.checkpoint import (ADAPTER_FILE, MODEL_FILE, gather_optimizer, gather_weights, read_checkpoint,
+                                       restore_optimizer, restore_weights, tied_names, write_checkpoint)
+from rollmill.train.parallel import DataParallel, shard_model
 from rollmill.train.advantages import AdvantageComputer
 from rollmill.train.consistency import check_logprob_gap
 from rollmill.train.critic import CriticTrainer
@@ -82,27 +90,47 @@ def streaming_blockers(cfg: RunConfig) -> list[str]:
         reasons.append("kl_placement 'reward' folds the KL into the scores before the advantages")
     if algo.credit != "none":
         reasons.append(f"algorithm.credit {algo.credit!r} rescales advantages over the whole batch")
+    if cfg.runtime.learner.ranks > 1:
+        reasons.append(f"runtime.learner.ranks={cfg.runtime.learner.ranks}: data-parallel ranks train shares of a whole batch")
     options = PIPELINES[cfg.pipeline].trainer_options(cfg)
     return reasons + stream_blockers(train, effective_algorithm(cfg), options.get("max_new_tokens"),
                                      options.get("segment_mismatch_bound"))
 
 
 class Learner:
-    """Owns the policy being trained and applies one update per batch of groups."""
+    """Owns the policy being trained and applies one update per batch of groups.
+
+    The policy lives on `runtime.learner.device` (else `model.device`), optionally with LoRA adapters
+    (`model.lora`) and sharded over data-parallel ranks (`runtime.learner.ranks`: each rank is one
+    Learner in its own process, the torch.distributed group already initialized; docs/scale.md)."""
 
     def __init__(self, cfg: RunConfig):
         self.threads = cfg.runtime.learner.threads or torch.get_num_threads()
         seed_everything(cfg.train.seed)
         self.cfg = cfg
         self.pipeline = PIPELINES[cfg.pipeline]
+        self.device = role_device(cfg, "learner")
         self.model, tokenizer = load_model(cfg.model)
+        self.model.to(self.device)
         self.pad_id = tokenizer.pad_token_id
+        self.tied = tied_names(self.model)
+        self.adapters = add_adapters(self.model, cfg.model.lora) if cfg.model.lora.rank else None
+        self.scalings = lora_scalings(self.model) if self.adapters is not None else {}
+        # hf engines take the adapted layers alone (the rest of their base never changes); vLLM is sent everything
+        self.changed_only = self.adapters is not None and cfg.rollout.engine != "vllm"
         algo = effective_algorithm(cfg)
-        ref = None
+        ref, ref_context = None, nullcontext
         if algo.kl_coef > 0 or algo.track_kl:
-            ref = copy.deepcopy(self.model).requires_grad_(False)
+            if self.adapters is not None:  # the base with its adapters off: no second copy of the weights
+                ref, ref_context = self.model, self.adapters.disable_adapter
+            else:
+                ref = copy.deepcopy(self.model).requires_grad_(False)
+        self.parallel = DataParallel.current()
+        if self.parallel is not None:
+            shard_model(self.model)  # before the optimizer exists: it must hold the sharded parameters
         self.trainer = PolicyTrainer(self.model, cfg.train, algo, temperature=cfg.rollout.sampling.temperature,
-                                     ref_model=ref, **self.pipeline.trainer_options(cfg))
+                                     ref_model=ref, ref_context=ref_context, parallel=self.parallel,
+                                     **self.pipeline.trainer_options(cfg))
         self.kl = KLControl(algo)
         self.advantages = AdvantageComputer(algo)
         self.critic = CriticTrainer(self.model, cfg.train, algo) if algo.advantage in CRITIC_ADVANTAGES else None
@@ -194,23 +222,61 @@ class Learner:
         if oldest is not None and self.cfg.async_.max_staleness > 0:
             metrics["async/staleness_max"] = float(self.version - oldest)
 
+    @property
+    def is_writer(self) -> bool:
+        """Whether this learner writes checkpoints and hands out weights (rank 0, or the only one)."""
+        return self.parallel is None or self.parallel.rank == 0
+
     def weights(self) -> dict[str, torch.Tensor]:
-        """The current weights, by reference (a caller that keeps them past the next update copies them)."""
-        return self.model.state_dict()
+        """The weights the engines need, by transformers name: everything, or with LoRA the merged adapted
+        layers (all of them merged for vLLM). A collective under data parallelism: every rank calls it,
+        rank 0 gets the weights, the others {}. Plain weights are by reference (`snapshot` copies)."""
+        if self.parallel is None and self.adapters is None:
+            return self.model.state_dict()
+        state = gather_weights(self.model)
+        if not state or self.adapters is None:
+            return state
+        return merged_weights(state, self.scalings, adapted_only=self.changed_only)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        """A copy of the current weights that later updates leave alone."""
-        return {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        """A copy of `weights()` that later updates leave alone."""
+        return {name: t.detach().clone() for name, t in self.weights().items()}
 
-    def save(self, ckpt_root: Path, step: int, loop_state: dict, keep: int, files: dict[str, bytes]) -> Path:
-        """Checkpoint the training side with the driver's `loop_state` and other roles' `files`."""
+    def save(self, ckpt_root: Path, step: int, loop_state: dict, keep: int, files: dict[str, bytes]) -> Path | None:
+        """Checkpoint the training side with the driver's `loop_state` and other roles' `files`. Under data
+        parallelism every rank gathers, rank 0 writes and returns the path (the others None)."""
+        weights = gather_weights(self.model)
+        blob = {"optimizer": gather_optimizer(self.model, self.trainer.optimizer),
+                "scheduler": self.trainer.scheduler.state_dict()}
+        if not self.is_writer:
+            return None
+        files = dict(files)
+        if self.adapters is not None:
+            tensors = {ADAPTER_FILE: adapter_file_state(weights)}
+            files[ADAPTER_CONFIG] = adapter_config_json(self.adapters, self.cfg.model.path or self.cfg.model.source)
+        else:
+            tensors = {MODEL_FILE: {k: v for k, v in weights.items() if k not in self.tied}}
+        if self.critic is not None:
+            tensors["critic.safetensors"] = self.critic.model.state_dict()
+            blob["critic_optimizer"] = self.critic.optimizer.state_dict()
         state = {**loop_state, "version": self.version, "kl_coef": self.kl.beta,
                  "reward_moments": self.advantages.state_dict()}
-        return save_checkpoint(ckpt_root, step, self.model, self.trainer, state, keep, self.critic, files)
+        return write_checkpoint(ckpt_root, step, tensors, blob, state, keep, files)
 
     def load(self, path: Path) -> dict:
-        """Restore from checkpoint `path`; return the rest of its loop state."""
-        state = load_checkpoint(path, self.model, self.trainer, self.critic)
+        """Restore from checkpoint `path` (written by any number of ranks); return the rest of its loop state."""
+        own = set(self.model.state_dict())
+        if self.adapters is not None:
+            restore_weights(self.model, adapter_model_state(load_file(str(path / ADAPTER_FILE))),
+                            {k for k in own if ".lora_" in k}, str(path))
+        else:
+            restore_weights(self.model, load_file(str(path / MODEL_FILE)), own - self.tied, str(path))
+        blob, state = read_checkpoint(path)
+        restore_optimizer(self.model, self.trainer.optimizer, blob["optimizer"])
+        self.trainer.scheduler.load_state_dict(blob["scheduler"])
+        if self.critic is not None:
+            load_safetensors_into(self.critic.model, str(path / "critic.safetensors"), strict=True)
+            self.critic.optimizer.load_state_dict(blob["critic_optimizer"])
         self.version = state["version"]
         self.kl.controller.load_state_dict({"value": state["kl_coef"]})
         self.trainer.kl_coef = self.kl.beta

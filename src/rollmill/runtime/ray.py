@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -38,9 +39,29 @@ class RoleDied(RuntimeError):
 
 
 class _LearnerActor(Learner):
-    def __init__(self, cfg: RunConfig):
+    """A learner in an actor: alone, or rank `rank` of `runtime.learner.ranks` data-parallel ranks, which
+    build their Learner only in `join`, once the torch.distributed group they shard over exists."""
+
+    def __init__(self, cfg: RunConfig, rank: int = 0):
         # Ray caps an actor's threads at its num_cpus; the run says how many (every core by default)
         torch.set_num_threads(cfg.runtime.learner.threads or os.cpu_count() or 1)
+        self.rank = rank
+        if cfg.runtime.learner.ranks == 1:
+            super().__init__(cfg)
+
+    def address(self) -> tuple[str, int]:
+        """Where the group meets: this actor's node address and a port free on it (asked of rank 0)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def join(self, cfg: RunConfig, address: str, port: int) -> None:
+        """Join the data-parallel group (every rank calls this at once), then build the learner in it."""
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() and cfg.runtime.learner.num_gpus > 0 else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
+                                world_size=cfg.runtime.learner.ranks)
         super().__init__(cfg)
 
     def publishable(self) -> dict[str, torch.Tensor]:
@@ -92,7 +113,14 @@ class RayRoles:
                          needed, cpus, needed)
             ray.init(address=rt.ray_address, num_cpus=None if rt.ray_address else max(cpus, int(needed + 0.999)),
                      include_dashboard=False, log_to_driver=True, configure_logging=False)
-        self.learner = ray.remote(_LearnerActor).options(**_resources(rt.learner)).remote(cfg)
+        actor = ray.remote(_LearnerActor).options(**_resources(rt.learner))
+        # the driver calls every rank the same way in the same order (each runs its calls one at a time),
+        # so their collectives pair up; rank 0 is last, so a handle's last reference is the result
+        self.learners = [actor.remote(cfg, rank) for rank in reversed(range(rt.learner.ranks))]
+        self.learner = self.learners[-1]
+        if rt.learner.ranks > 1:
+            address, port = self._get(self.learner.address.remote(), "learner rank 0", 0)
+            self._get([a.join.remote(cfg, address, port) for a in self.learners], "learner", 0)
         rewards = [ray.remote(RewardWorker).options(**_resources(rt.reward)).remote(cfg.reward)
                    for _ in range(rt.reward_workers)]
         self.rewards = rewards
@@ -111,7 +139,7 @@ class RayRoles:
                            f"{str(err).splitlines()[0]}") from err
 
     def train(self, groups: list[list[Trajectory]], step: int):
-        return ([self.learner.train.remote(groups)], step)
+        return ([a.train.remote(groups) for a in self.learners], step)
 
     def begin_stream(self) -> None:
         self._streamed = [self.learner.begin_stream.remote()]
@@ -134,7 +162,7 @@ class RayRoles:
     def publish(self, version: int, wait: bool) -> float:
         """The learner's weights into the object store once, then to every worker as `version`."""
         t0 = time.perf_counter()
-        state = self.learner.publishable.remote()
+        state = [a.publishable.remote() for a in self.learners][-1]  # every rank gathers; rank 0 holds them
         applied = [w.apply_weights.remote(state, version) for w in self.workers]
         if wait:
             timeout = self.cfg.rollout.weight_sync_timeout_s
@@ -174,13 +202,13 @@ class RayRoles:
         return self._get(self.workers[0].evaluate.remote(specs, version), "rollout worker 0", version)
 
     def save(self, ckpt_root: Path, step: int, state: dict, keep: int, files: dict[str, bytes]) -> Path:
-        return self._get(self.learner.save.remote(ckpt_root, step, state, keep, files), "learner", step)
+        return self._get([a.save.remote(ckpt_root, step, state, keep, files) for a in self.learners], "learner", step)[-1]
 
     def load(self, path: Path) -> dict:
-        return self._get(self.learner.load.remote(path), "learner", 0)
+        return self._get([a.load.remote(path) for a in self.learners], "learner", 0)[-1]
 
     def close(self) -> None:
-        for actor in [*self.workers, *self.rewards, self.learner]:
+        for actor in [*self.workers, *self.rewards, *self.learners]:
             ray.kill(actor)
         if self._started:
             ray.shutdown()

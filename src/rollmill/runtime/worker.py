@@ -19,6 +19,7 @@ import torch
 
 from rollmill.config import RunConfig
 from rollmill.models import load_model
+from rollmill.models.device import role_device
 from rollmill.pipelines import PIPELINES, EpisodeContext
 from rollmill.rollout import build_engine
 from rollmill.rollout.driver import DriverStats, EngineDriver
@@ -37,6 +38,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.id = worker_id
         model, self.tokenizer = load_model(cfg.model)
+        model.to(role_device(cfg, "rollout"))
         self.engine = build_engine(cfg.rollout, model, self.tokenizer)
         self.rewards = rewards or LocalRewards(cfg.reward, cfg.runtime.reward_workers)
         self.episodes = PIPELINES[cfg.pipeline].episodes(cfg, self.tokenizer)

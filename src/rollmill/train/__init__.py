@@ -1,7 +1,7 @@
 """Policy updates, batches and checkpoints."""
 
 from rollmill.train.batch import TrainBatch, build_batch
-from rollmill.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from rollmill.train.checkpoint import list_checkpoints
 from rollmill.train.consistency import engine_logprob_gap
 from rollmill.train.logprobs import completion_logprobs
 from rollmill.train.trainer import PolicyTrainer
@@ -13,6 +13,4 @@ __all__ = [
     "completion_logprobs",
     "engine_logprob_gap",
     "list_checkpoints",
-    "load_checkpoint",
-    "save_checkpoint",
 ]

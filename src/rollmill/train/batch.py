@@ -46,6 +46,15 @@ class TrainBatch:
             rows = slice(start, start + size)
             yield rows, self.select(rows)
 
+    def to(self, device: torch.device) -> "TrainBatch":
+        """This batch with its tensors on `device` (itself when they are there already)."""
+        if self.mask.device == torch.device(device):
+            return self
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TrainBatch(move(self.input_ids), move(self.attention_mask), move(self.position_ids), move(self.mask),
+                          move(self.behaviour_logprobs), move(self.advantages), self.prompt_width,
+                          move(self.segments), move(self.versions))
+
     def select(self, index: torch.Tensor | slice) -> "TrainBatch":
         return TrainBatch(
             self.input_ids[index], self.attention_mask[index], self.position_ids[index], self.mask[index],

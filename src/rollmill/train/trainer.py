@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 from transformers import PreTrainedModel
@@ -26,6 +27,7 @@ from rollmill.algos.losses import loss_param_names, mismatch_mask, tis_weights
 from rollmill.config import AlgorithmConfig, TrainConfig
 from rollmill.train.batch import TrainBatch
 from rollmill.train.logprobs import completion_logprobs
+from rollmill.train.parallel import DataParallel, local_value
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -89,10 +91,19 @@ class PolicyTrainer:
         ref_model: PreTrainedModel | None = None,
         segment_ratio: bool = False,
         segment_mismatch_bound: float | None = None,
+        ref_context: Callable[[], ContextManager] = nullcontext,
+        parallel: DataParallel | None = None,
     ):
         """`segment_ratio`: every token of a chunk (batch.segments) sees the chunk's geometric-mean
-        ratio (IPA); `segment_mismatch_bound`: drop chunks whose trainer/engine ratio leaves [0, bound]."""
+        ratio (IPA); `segment_mismatch_bound`: drop chunks whose trainer/engine ratio leaves [0, bound].
+        `ref_context`: the context the reference forward runs in (LoRA: adapters off, with `ref_model`
+        the policy itself). `parallel`: this rank's data-parallel group (train/parallel.py), the model
+        already sharded. Batches may live anywhere: they are moved to the model's device."""
         self.model = model
+        self.ref_context = ref_context
+        self.parallel = parallel
+        self.device = model.get_output_embeddings().weight.device
+        self.autocast = torch.bfloat16 if train_cfg.precision == "bf16" else None
         self.segment_ratio = segment_ratio
         self.segment_mismatch_bound = segment_mismatch_bound
         self.cfg = train_cfg
@@ -114,17 +125,27 @@ class PolicyTrainer:
         """Log-probs [B, C] of the batch's completions under the frozen reference policy."""
         if self.ref_model is None:
             raise RuntimeError("no reference model: set algorithm.kl_coef > 0 or algorithm.track_kl")
-        return self._logprobs_no_grad(self.ref_model, batch)
+        with self.ref_context():
+            return self._logprobs_no_grad(self.ref_model, batch.to(self.device))
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model: PreTrainedModel, batch: TrainBatch) -> torch.Tensor:
-        return torch.cat([completion_logprobs(model, mb, self.temperature)[0] for _, mb in batch.micro_batches(self.cfg.micro_batch_size)])
+        return torch.cat([completion_logprobs(model, mb, self.temperature, autocast=self.autocast)[0]
+                          for _, mb in batch.micro_batches(self.cfg.micro_batch_size)])
 
     def step(self, batch: TrainBatch, ref_logp: torch.Tensor | None = None) -> dict[str, float]:
         """One RL update on a rollout batch; returns scalar metrics averaged over valid tokens.
 
-        `ref_logp` reuses reference log-probs the caller already computed (reward-side KL)."""
+        `ref_logp` reuses reference log-probs the caller already computed (reward-side KL). Under data
+        parallelism every rank is given the same whole batch and trains its own rows of it."""
+        batch = batch.to(self.device)
+        ref_logp = None if ref_logp is None else ref_logp.to(self.device)
         mini = self.cfg.mini_batch_size or batch.size
+        if self.parallel is not None:
+            index, keep, mini = self.parallel.rows(batch.size, mini)
+            batch = batch.select(index.to(self.device))
+            batch.mask = batch.mask * keep.to(self.device)[:, None]
+            ref_logp = None if ref_logp is None else ref_logp[index.to(self.device)]
         by_segment = self.segment_mismatch_bound is not None and batch.segments is not None
         # Filters that drop tokens before the update need the old log-probs up front; truncated IS
         # weights do not: they are computed per micro-batch from the old log-probs at hand.
@@ -136,7 +157,7 @@ class PolicyTrainer:
         old_logp = None if single_pass else self._logprobs_no_grad(self.model, batch)
         t1 = time.perf_counter()
         if ref_logp is None and self.ref_model is not None:
-            ref_logp = self._logprobs_no_grad(self.ref_model, batch)
+            ref_logp = self.reference_logprobs(batch)
         self._timings["time/old_logprobs_s"] = t1 - t0
         self._timings["time/ref_logprobs_s"] = time.perf_counter() - t1
         if self.algo.mismatch_ratio_bounds is not None or by_segment:
@@ -146,7 +167,7 @@ class PolicyTrainer:
             else:
                 kept = mismatch_mask(old_logp, batch.behaviour_logprobs, batch.mask, self.algo.tis_level,
                                      ratio_bounds=self.algo.mismatch_ratio_bounds)
-            dropped = float(batch.mask.sum() - kept.sum())
+            dropped = self._global(float(batch.mask.sum() - kept.sum()))
             batch = batch.select(slice(None))  # a new batch object: the caller's mask stays as it was
             batch.mask = kept
         sums: dict[str, float] = defaultdict(float)
@@ -176,6 +197,8 @@ class PolicyTrainer:
         """Start a streamed update: the same single-pass update as `step`, its batch given in chunks
         (`add`) and applied by `finish_stream`. Raises ValueError if this configuration has no such form."""
         reasons = stream_blockers(self.cfg, self.algo, self.max_new_tokens, self.segment_mismatch_bound)
+        if self.parallel is not None:
+            reasons.append("data-parallel ranks train their shares of a whole batch")
         if reasons:
             raise ValueError("this update cannot be streamed: " + "; ".join(reasons))
         self.optimizer.zero_grad(set_to_none=True)
@@ -193,11 +216,12 @@ class PolicyTrainer:
         s = self._stream
         if s is None:
             raise RuntimeError("add() outside a streamed update: call begin_stream() first")
+        batch = batch.to(self.device)
         if self.cfg.mini_batch_size is not None and s.rows + batch.size > self.cfg.mini_batch_size:
             raise ValueError(f"{s.rows + batch.size} rows exceed train.mini_batch_size={self.cfg.mini_batch_size}: "
                              "a streamed update is one mini-batch")
         t0 = time.perf_counter()
-        ref_logp = None if self.ref_model is None else self._logprobs_no_grad(self.ref_model, batch)
+        ref_logp = None if self.ref_model is None else self.reference_logprobs(batch)
         self._timings["time/ref_logprobs_s"] += time.perf_counter() - t0
         s.rows += batch.size
         s.tokens += float(batch.mask.sum())
@@ -227,8 +251,17 @@ class PolicyTrainer:
         self.scheduler.step()
         return self._metrics(s.sums, [grad_norm])
 
+    def _global(self, *values: float):
+        """`values` summed over the data-parallel ranks (as they are when training alone); one value: a float."""
+        out = list(values) if self.parallel is None else self.parallel.sum(list(values))
+        return out[0] if len(out) == 1 else out
+
     def _metrics(self, sums: dict[str, float], grad_norms: list[float]) -> dict[str, float]:
         """The update's metrics from its sums: per-token means, the loss per optimizer step, timings."""
+        if self.parallel is not None:
+            keys = sorted(sums)  # every rank ran the same code: same keys, same order
+            sums = defaultdict(float, zip(keys, self.parallel.sum([sums[k] for k in keys])))
+            self._mismatch_max = self.parallel.max(self._mismatch_max)
         loss_sum = sums.pop("loss")
         tokens = max(sums.pop("tokens"), 1.0)
         mismatch, mismatch_tokens = sums.pop("logprob_mismatch", 0.0), sums.pop("mismatch_tokens", 0.0)
@@ -250,8 +283,8 @@ class PolicyTrainer:
         return mask * (versions == self.version)
 
     def _optimizer_step(self, mini: TrainBatch, index, old_logp, ref_logp, sums) -> float:
-        agg = dict(mode=self.algo.loss_agg, num_tokens=float(mini.mask.sum()),
-                   num_seqs=float((mini.mask.sum(-1) > 0).sum()),
+        tokens, seqs = self._global(float(mini.mask.sum()), float((mini.mask.sum(-1) > 0).sum()))
+        agg = dict(mode=self.algo.loss_agg, num_tokens=tokens, num_seqs=seqs,
                    norm_length=self.max_new_tokens or mini.completion_width)
         self.optimizer.zero_grad(set_to_none=True)
         self._accumulate(mini, index, old_logp, ref_logp, sums, agg)
@@ -264,7 +297,8 @@ class PolicyTrainer:
         and `ref_logp` (None: a single pass, where the detached current log-probs are the old ones)."""
         t0 = time.perf_counter()
         for sl, micro in mini.micro_batches(self.cfg.micro_batch_size):
-            logp, entropy = completion_logprobs(self.model, micro, self.temperature, with_entropy=True)
+            logp, entropy = completion_logprobs(self.model, micro, self.temperature, with_entropy=True,
+                                                autocast=self.autocast)
             old = logp.detach() if old_logp is None else old_logp[index[sl]]
             loss_logp = logp
             if self.segment_ratio and micro.segments is not None:
@@ -306,4 +340,4 @@ class PolicyTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self._timings["time/optimizer_s"] += time.perf_counter() - t0
-        return float(grad_norm)
+        return local_value(grad_norm)

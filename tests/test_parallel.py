@@ -1,0 +1,130 @@
+"""Data-parallel training (train/parallel.py): N gloo ranks with FSDP2 take the update one process takes.
+
+Each case runs the same step twice: in this process alone, and in 2 spawned processes that form a
+gloo group, shard the model with FSDP2 and are each given the whole batch. Loss, gradient norm, every
+gradient (summed over ranks) and every updated weight must agree, in float64, to 1e-9.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from rollmill.config import AlgorithmConfig, LoraConfig, TrainConfig
+from rollmill.models import build_char_tokenizer, build_tiny_model
+from rollmill.train import PolicyTrainer, build_batch
+from rollmill.train.parallel import DataParallel
+from rollmill.types import Row
+
+# (loss aggregation, mini-batch size, PPO epochs, LoRA rank): token and sequence means, a single pass and
+# several mini-batches over two epochs (the old-log-prob path), full fine-tuning and LoRA
+CASES = {
+    "token_mean": ("token-mean", None, 1, 0),
+    "seq_mean_minibatches": ("seq-mean-token-mean", 4, 2, 0),
+    "seq_mean_token_sum_norm": ("seq-mean-token-sum-norm", None, 1, 0),
+    "lora_token_mean": ("token-mean", 5, 1, 4),
+}
+
+
+def rows_and_advantages():
+    """7 samples of 3 prompts (an odd count: one rank gets a padding row), lengths 1-6, some masked tokens."""
+    g = torch.Generator().manual_seed(0)
+    vocab = len(build_char_tokenizer())
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (3, 5, 2)]
+    rows = []
+    for i in range(7):
+        tokens = torch.randint(3, vocab, (1 + (i * 5) % 6,), generator=g).tolist()
+        row = Row.sampled(prompts[i % 3], tokens, (-torch.rand(len(tokens), generator=g) * 3).tolist())
+        rows.append(row)
+    return rows, torch.randn(7, generator=g)
+
+
+def make_trainer(case: str, parallel: DataParallel | None):
+    agg, mini, epochs, rank = CASES[case]
+    torch.manual_seed(0)
+    model = build_tiny_model(len(build_char_tokenizer()), seed=3)
+    if rank:
+        from rollmill.models.lora import add_adapters
+
+        add_adapters(model, LoraConfig(rank=rank, target_modules=["q_proj", "v_proj", "down_proj"]))
+        with torch.no_grad():  # B = 0 at the start gives A no gradient: move B off zero so both are checked
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    model.double()  # after the adapters, which peft creates in float32
+    if parallel is not None:
+        from rollmill.train.parallel import shard_model
+
+        shard_model(model)
+    cfg = TrainConfig(lr=1e-2, micro_batch_size=2, mini_batch_size=mini, ppo_epochs=epochs, max_grad_norm=0.5)
+    algo = AlgorithmConfig(loss_agg=agg)
+    return PolicyTrainer(model, cfg, algo, max_new_tokens=8, parallel=parallel)
+
+
+def one_step(case: str, parallel: DataParallel | None) -> dict:
+    """Metrics, gradients and weights after one step, whole tensors by name (only rank 0's are complete)."""
+    from rollmill.train.checkpoint import gather_weights
+
+    trainer = make_trainer(case, parallel)
+    rows, adv = rows_and_advantages()
+    metrics = trainer.step(build_batch(rows, adv, pad_id=2))
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in trainer.model.named_parameters() if p.grad is not None}
+    weights = {k: v.clone() for k, v in gather_weights(trainer.model).items()}
+    return {"metrics": metrics, "grads": grads, "weights": weights}
+
+
+def _rank(rank: int, world: int, port: int, case: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        result = one_step(case, DataParallel.current())
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_gloo_ranks_take_the_single_process_update(case, tmp_path):
+    alone = one_step(case, None)
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_rank, args=(2, free_port(), case, str(out)), nprocs=2, join=True)
+    ranked = torch.load(out, weights_only=False)
+    for key in ("loss", "grad_norm", "entropy", "clip_fraction", "ratio"):
+        assert ranked["metrics"][key] == pytest.approx(alone["metrics"][key], rel=1e-9, abs=1e-12), key
+    assert set(ranked["grads"]) == set(alone["grads"]) and alone["grads"]
+    for name, g in alone["grads"].items():
+        torch.testing.assert_close(ranked["grads"][name], g, rtol=1e-9, atol=1e-12, msg=name)
+    assert set(ranked["weights"]) == set(alone["weights"])
+    for name, w in alone["weights"].items():
+        torch.testing.assert_close(ranked["weights"][name], w, rtol=1e-9, atol=1e-12, msg=name)
+    changed = [n for n, w in alone["weights"].items() if not torch.equal(w, make_reference_weights(case)[n])]
+    assert changed, "the step changed no weight: the comparison would prove nothing"
+
+
+def make_reference_weights(case: str) -> dict:
+    return {k: v.clone() for k, v in make_trainer(case, None).model.state_dict().items()}
+
+
+def test_rows_give_each_rank_contiguous_parts_padded_to_one_size():
+    # 7 rows in mini-batches of 4: [0..3] -> 2 + 2, [4..6] -> 2 + 1 (+ a loss-free copy of row 4)
+    index0, keep0, per0 = DataParallel(0, 2).rows(7, 4)
+    index1, keep1, per1 = DataParallel(1, 2).rows(7, 4)
+    assert per0 == per1 == 2
+    assert index0.tolist() == [0, 1, 4, 5] and keep0.tolist() == [1, 1, 1, 1]
+    assert index1.tolist() == [2, 3, 6, 4] and keep1.tolist() == [1, 1, 1, 0]
+    # more ranks than rows: the extra rank trains padding only, and still runs the same forwards
+    index, keep, per = DataParallel(2, 3).rows(2, 2)
+    assert per == 1 and index.tolist() == [0] and keep.tolist() == [0]
