@@ -13,9 +13,14 @@ scoring, forward/backward, optimizer). rollmill: step = wall time of `rollout_an
 `time/rollout_s`, update = its `time/train_s` (policy update alone). TRL: step = a callback's
 on_step_begin -> on_step_end, gen = time inside `GRPOTrainer._generate` (tokenize, generate, decode).
 
+rollmill also runs in the training variants of `--variants` (each its own child, same workload):
+fp32 (full fine-tuning, the comparison above), lora (`model.lora.rank=16`, every linear layer),
+bf16 (`train.precision=bf16`: bf16 autocast, fp32 weights), lora_bf16 (both), and lora_bf16w (LoRA
+over a bfloat16 base: `model.dtype=bfloat16`, so the engine also serves bf16 weights; adapters fp32).
+
 Run: `make bench` (installs `.[dev,bench]`, pinning trl==1.16.0, then runs this), or
     python benchmarks/grpo_step.py [--model smollm2|tiny] [--steps 2] [--max-new-tokens 64]
-        [--prompts 4] [--group 8] [--micro-batch 8] [--only rollmill|trl]
+        [--prompts 4] [--group 8] [--micro-batch 8] [--variants fp32,lora,...] [--only rollmill|trl]
 `--model tiny` (random 2-layer Llama, character tokenizer) is a quick smoke test of the script itself.
 Without trl only rollmill runs, and RESULT has trl_step_s=nan speedup=nan. Last line: `RESULT k=v ...`.
 """
@@ -37,6 +42,14 @@ from pathlib import Path
 
 THREADS = 2
 SEED = 0
+# rollmill's training variants: config sections merged over the common workload
+VARIANTS = {
+    "fp32": {},
+    "lora": {"model": {"lora": {"rank": 16}}},
+    "bf16": {"train": {"precision": "bf16"}},
+    "lora_bf16": {"model": {"lora": {"rank": 16}}, "train": {"precision": "bf16"}},
+    "lora_bf16w": {"model": {"lora": {"rank": 16}, "dtype": "bfloat16"}},
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,8 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group size)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
     p.add_argument("--only", choices=["rollmill", "trl"], help="run one framework in this process")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="rollmill training variants to time")
+    p.add_argument("--variant", default="fp32", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # a child's
     p.add_argument("--result-file", help=argparse.SUPPRESS)  # where a child writes its timings
     args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     if (args.prompts * args.group) % args.micro_batch:
         p.error("--prompts x --group must be a multiple of --micro-batch (TRL accumulates whole micro-batches)")
     return args
@@ -58,16 +76,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_config(args, run_root: str):
     from rollmill.config import config_from_dict
 
-    return config_from_dict({
+    sections = {
         "model": {"source": args.model},
         "task": {"source": "arithmetic", "name": "add_2digit"},
         "reward": {"functions": [{"name": "first_integer"}]},
-        "rollout": {"prompts_per_step": args.prompts, "group_size": args.group,
+        "rollout": {"prompts_per_step": args.prompts, "group_size": args.group, "logprob_check": "off",
                     "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0}},
         "algorithm": {"name": "grpo", "kl_coef": 0.0, "track_kl": False},  # TRL runs no reference at beta 0
-        "train": {"lr": 2e-6, "micro_batch_size": args.micro_batch, "threads": THREADS, "seed": SEED},
+        "train": {"lr": 2e-6, "micro_batch_size": args.micro_batch, "seed": SEED},
         "log": {"run_root": run_root, "tensorboard": False, "progress": False, "samples_per_step": 0},
-    })
+    }
+    for key, value in VARIANTS[args.variant].items():
+        sections[key] = {**sections[key], **value}
+    return config_from_dict(sections)
 
 
 def bench_rollmill(args) -> dict:
@@ -83,7 +104,7 @@ def bench_rollmill(args) -> dict:
             steps.append({"step": time.perf_counter() - t0, "gen": rec["time/rollout_s"], "update": rec["time/train_s"],
                           "len": rec["response_length/mean"], "old_logp": rec.get("time/old_logprobs_s", 0.0),
                           "fwd_bwd": rec.get("time/forward_backward_s", 0.0), "optim": rec.get("time/optimizer_s", 0.0),
-                          "sync": rec.get("time/sync_s", 0.0)})
+                          "sync": rec.get("time/sync_s", 0.0), "mismatch": rec.get("logprob_mismatch", math.nan)})
         job.close()
     return {"steps": steps}
 
@@ -189,12 +210,12 @@ def bench_trl(args) -> dict:
 BENCHES = {"rollmill": bench_rollmill, "trl": bench_trl}
 
 
-def run_child(which: str, args) -> dict:
-    """Re-invoke this script with --only; return its timings plus its peak RSS (MiB)."""
+def run_child(which: str, args, variant: str = "fp32") -> dict:
+    """Re-invoke this script with --only (and a rollmill --variant); return its timings plus its peak RSS (MiB)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_file = f.name
     opts = ["model", "steps", "max_new_tokens", "prompts", "group", "micro_batch"]
-    cmd = [sys.executable, __file__, "--only", which, "--result-file", result_file]
+    cmd = [sys.executable, __file__, "--only", which, "--variant", variant, "--result-file", result_file]
     cmd += [x for o in opts for x in (f"--{o.replace('_', '-')}", str(getattr(args, o)))]
     print(f"--- {which}: {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.Popen(cmd)
@@ -219,10 +240,11 @@ def summarize(res: dict) -> dict:
 
 
 def print_table(rows: dict[str, dict]) -> None:
-    cols = {"step": "step_s", "gen": "gen_s", "train": "train_s", "update": "update_s", "len": "mean_len", "rss_mib": "rss_mib"}
-    print(f"\n{'framework':<10}" + "".join(f"{c:>10}" for c in cols.values()))
+    cols = {"step": "step_s", "gen": "gen_s", "train": "train_s", "update": "update_s", "sync": "sync_s",
+            "len": "mean_len", "rss_mib": "rss_mib", "mismatch": "lp_gap"}
+    print(f"\n{'run':<12}" + "".join(f"{c:>10}" for c in cols.values()))
     for name, row in rows.items():
-        print(f"{name:<10}" + "".join(f"{row.get(c, math.nan):>10.2f}" for c in cols))
+        print(f"{name:<12}" + "".join(f"{row.get(c, math.nan):>10.3f}" for c in cols))
     print("(medians; train = step - gen; update = rollmill's policy update alone; mean_len = mean completion tokens)")
 
 
@@ -245,12 +267,16 @@ def main(argv=None) -> int:
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > 0.5 * cores:  # other jobs' threads oversubscribe the cores: step times then swing 10-100x
         print(f"NOTE: load average is {load:.1f} on {cores} cores before starting; timings will be noisy")
+    variants = args.variants.split(",")
     rows = {"rollmill": run_child("rollmill", args)}
     if importlib.util.find_spec("trl") is None:
         print("NOTE: trl is not installed (pip install -e '.[dev,bench]'); timing rollmill only")
         rows["trl"] = {"error": "not installed"}
     else:
         rows["trl"] = run_child("trl", args)
+    for variant in variants:
+        if variant != "fp32":
+            rows[variant] = run_child("rollmill", args, variant)
     failed = [name for name, res in rows.items() if "error" in res and res["error"] != "not installed"]
     for name in failed:
         print(f"NOTE: the {name} run failed ({rows[name]['error']}); see its output above")
@@ -270,6 +296,13 @@ def main(argv=None) -> int:
               f"other (scoring, advantages, logging) {rest:.2f}")
         fields.update({"rollmill_fwd_bwd_s": r["fwd_bwd"], "rollmill_optim_s": r["optim"],
                        "rollmill_old_logp_s": r["old_logp"], "rollmill_sync_s": r["sync"]})
+    for variant in (v for v in variants if v != "fp32" and rows.get(v)):
+        v = rows[variant]
+        fields.update({f"{variant}_step_s": v["step"], f"{variant}_speedup": t.get("step", math.nan) / v["step"],
+                       f"{variant}_update_s": v["update"], f"{variant}_sync_s": v["sync"],
+                       f"{variant}_rss_mib": v["rss_mib"], f"{variant}_logprob_gap": v.get("mismatch", math.nan)})
+    if r:
+        fields["rollmill_logprob_gap"] = r.get("mismatch", math.nan)
     extra = f"completions={args.prompts * args.group} max_new_tokens={args.max_new_tokens} model={args.model}"
     print("RESULT " + " ".join(f"{k}={math.nan if v is None else v:.3f}" for k, v in fields.items()) + " " + extra)
     return 1 if failed else 0

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import re
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rollmill.config.agent import AgentConfig, EnvConfig
 from rollmill.config.algorithm import AlgorithmConfig
@@ -65,10 +65,10 @@ class ModelConfig(Strict):
                                             "otherwise: auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     lora: LoraConfig = LoraConfig()
 
-    @model_validator(mode="after")
-    def _device_name(self) -> "ModelConfig":
-        check_device(self.device)
-        return self
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        return check_device(value)
 
     @model_validator(mode="after")
     def _path_for_hf_dir(self) -> "ModelConfig":

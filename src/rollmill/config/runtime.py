@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rollmill.config.base import Strict, check_device
 
@@ -68,11 +68,10 @@ class RoleResources(Strict):
                                                         "process's setting (every core; on Ray, the node's cores)")
     device: str | None = Field(None, description="this role's device (auto, cpu, cuda, cuda:N); None = model.device")
 
-    @model_validator(mode="after")
-    def _device_name(self):
-        if self.device is not None:
-            check_device(self.device)
-        return self
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str | None) -> str | None:
+        return value if value is None else check_device(value)
 
 
 class LearnerResources(RoleResources):

@@ -9,6 +9,7 @@ every adapted layer, and nothing else (the rest of the base never changes). docs
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +28,9 @@ def add_adapters(model: torch.nn.Module, cfg: LoraConfig):
         raise ImportError("model.lora.rank > 0 needs the peft library: pip install peft (make install does)") from None
     peft_cfg = PeftLora(r=cfg.rank, lora_alpha=cfg.alpha or 2 * cfg.rank, lora_dropout=cfg.dropout,
                         target_modules=cfg.target_modules, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, peft_cfg)
+    with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecates; nothing for users to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_cfg)
 
 
 def lora_scalings(model: torch.nn.Module) -> dict[str, float]:

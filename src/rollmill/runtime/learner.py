@@ -149,6 +149,8 @@ class Learner:
         self.trainer.version = self.version
         metrics = self.pipeline.update(self, groups)
         self._report_staleness(metrics, oldest)
+        if self.device.type == "cuda":  # engines on this process's device count too (local backend)
+            metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.version += 1
         return metrics
 

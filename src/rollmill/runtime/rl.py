@@ -105,7 +105,8 @@ class RLJob:
         if load0 is not None:
             record.update(_occupancy(load0, self.roles.engine_load()))
         tokens = sum(t.sampled_tokens for t in trajs)
-        record.update({"time/rollout_s": t_rollout, "time/train_s": t_train, "time/sync_s": t_sync,
+        record.update({"time/step_s": self._step_s[-1], "time/rollout_s": t_rollout, "time/train_s": t_train,
+                       "time/sync_s": t_sync,
                        "throughput/tokens_per_s": tokens / (t_rollout + t_train),
                        "throughput/trained_samples_per_s": sum(len(g) for g in data.groups) / (time.perf_counter() - t0)})
         samples = [self.pipeline.sample_dump(trajs[i], self.tokenizer) for i in spread(len(trajs), self.cfg.log.samples_per_step)]

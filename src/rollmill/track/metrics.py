@@ -18,7 +18,8 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
 
 
 # Timings and throughput vary run to run; everything else in a record is a function of the seed.
-NONDETERMINISTIC_PREFIXES = ("time/", "throughput/", "engine/")  # engine/: how full the batch ran depends on timing
+# engine/: how full the batch ran depends on timing; memory/: allocator peaks depend on the device
+NONDETERMINISTIC_PREFIXES = ("time/", "throughput/", "engine/", "memory/")
 
 
 def deterministic_metrics(path: Path) -> list[dict]:
