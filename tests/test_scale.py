@@ -156,3 +156,23 @@ def test_cuda_bf16_lora_step(tiny_cfg, make_job, tmp_path):
                             rollout={"logprob_check": "off"}), tmp_path / "run")
     rec, _ = job.train_step()
     assert rec["grad_norm"] > 0
+
+
+def test_export_writes_a_transformers_folder_with_the_adapter_merged(tiny_cfg, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rollmill.cli import main
+    from rollmill.runtime import train
+
+    cfg = tiny_cfg(model={"lora": LORA}, train={"lr": 5e-2, "steps": 2}, eval={"before": False, "every": 0})
+    train(cfg, tmp_path / "run")
+    ckpt = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").pad_token is not None
+    merged = build_tiny_model(len(build_char_tokenizer()))
+    load_weights(ckpt, merged)
+    ids = torch.randint(3, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, merged(input_ids=ids).logits)
+    assert main(["export", str(ckpt), str(tmp_path / "out")]) == 2  # never over an existing model

@@ -67,6 +67,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from rollmill.runtime import export
+    from rollmill.train import list_checkpoints
+
+    target = Path(args.target)
+    if (target / "state.json").is_file():  # a checkpoint folder: its run is two levels up
+        checkpoint, run_dir = target, target.parent.parent
+    else:
+        ckpts = list_checkpoints(target / "checkpoints")
+        if not ckpts:
+            raise ConfigError(f"{target} is neither a checkpoint nor a run directory with checkpoints")
+        checkpoint, run_dir = ckpts[-1], target
+    cfg = load_run_config(run_dir / "config.yaml")
+    try:
+        out = export(cfg, checkpoint, Path(args.out))
+    except FileExistsError as err:
+        raise ConfigError(str(err)) from None
+    print(f"{checkpoint} -> {out} (transformers folder; open it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def cmd_samples(args) -> int:
     from rollmill.track import format_samples, read_jsonl
 
@@ -174,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="samples per prompt (pass@k for k <= n)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a checkpoint as a standalone transformers folder (LoRA merged)")
+    p.add_argument("target", help="a run directory (latest checkpoint) or one of its checkpoints/step_N folders")
+    p.add_argument("out", help="the new model folder")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("algos", help="list presets, advantage estimators, losses, KL estimators")
     p.set_defaults(func=cmd_algos)

@@ -53,7 +53,7 @@ def merged_weights(state: dict[str, torch.Tensor], scalings: dict[str, float],
         for name, scale in scalings.items():
             base = state[f"{name}.base_layer.weight"]
             a, b = state[f"{name}.lora_A.default.weight"], state[f"{name}.lora_B.default.weight"]
-            out[f"{name}.weight"] = (base.float() + scale * (b.float() @ a.float())).to(base.dtype)
+            out[f"{name}.weight"] = torch.addmm(base.float(), b.float(), a.float(), alpha=scale).to(base.dtype)
         if not adapted_only:
             for name, t in state.items():
                 if ".lora_" not in name:

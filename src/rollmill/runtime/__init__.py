@@ -56,4 +56,20 @@ def evaluate(cfg: RunConfig, checkpoint: Path | None = None) -> tuple[dict, int]
     return pipeline.eval_metrics(groups), len(specs)
 
 
-__all__ = ["TrainResult", "evaluate", "train"]
+def export(cfg: RunConfig, checkpoint: Path, out: Path) -> Path:
+    """Write `checkpoint`'s policy as a standalone transformers folder at `out` (weights, config,
+    generation config, tokenizer), LoRA adapters merged in: `AutoModelForCausalLM.from_pretrained(out)`
+    opens it with no rollmill and no peft."""
+    from rollmill.models import load_model
+    from rollmill.train.checkpoint import load_weights
+
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; export into a new folder")
+    model, tokenizer = load_model(cfg.model)
+    load_weights(checkpoint, model)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+__all__ = ["TrainResult", "evaluate", "export", "train"]

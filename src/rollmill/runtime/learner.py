@@ -235,7 +235,7 @@ class Learner:
         rank 0 gets the weights, the others {}. Plain weights are by reference (`snapshot` copies)."""
         if self.parallel is None and self.adapters is None:
             return self.model.state_dict()
-        state = gather_weights(self.model)
+        state = self.model.state_dict() if self.parallel is None else gather_weights(self.model)
         if not state or self.adapters is None:
             return state
         return merged_weights(state, self.scalings, adapted_only=self.changed_only)

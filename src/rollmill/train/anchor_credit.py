@@ -21,13 +21,14 @@ def attention_maps(model: PreTrainedModel, batch: TrainBatch, layer: int, micro_
     """Attention probabilities [B, H, L, L] of `layer` over prompt + completion (eager attention)."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")  # sdpa/flash kernels never materialize the probabilities
+    device = model.get_output_embeddings().weight.device
     try:
         maps = []
         for start in range(0, batch.size, micro_batch_size):
-            mb = batch.select(slice(start, start + micro_batch_size))
+            mb = batch.select(slice(start, start + micro_batch_size)).to(device)
             out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
                         output_attentions=True, use_cache=False, logits_to_keep=1)
-            maps.append(out.attentions[layer].float())
+            maps.append(out.attentions[layer].float().cpu())  # the credit math runs on the host
         return torch.cat(maps)
     finally:
         model.set_attn_implementation(previous)

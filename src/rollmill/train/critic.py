@@ -42,21 +42,24 @@ class CriticTrainer:
     (epochs, mini-batches, micro-batches) as the policy."""
 
     def __init__(self, policy: PreTrainedModel, train_cfg: TrainConfig, algo_cfg: AlgorithmConfig):
-        self.model = ValueModel(policy)
+        self.device = policy.get_output_embeddings().weight.device
+        self.model = ValueModel(policy).to(self.device)
         self.cfg = train_cfg
         self.algo = algo_cfg
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=algo_cfg.critic_lr, betas=train_cfg.betas)
 
     @torch.no_grad()
     def values(self, batch: TrainBatch) -> torch.Tensor:
+        """V [B, C] on the critic's device (0 off the mask)."""
+        batch = batch.to(self.device)
         return torch.cat([self.model(mb) for _, mb in batch.micro_batches(self.cfg.micro_batch_size)]) * batch.mask
 
     def advantages(
         self, batch: TrainBatch, outcome: torch.Tensor, token_kl: torch.Tensor | None = None, beta: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(token advantages, returns, old values) for `batch` whose sequences scored `outcome` [B];
-        `token_kl` with `beta` adds the reward-side KL penalty to every token's reward."""
-        old_values = self.values(batch)
+        `token_kl` with `beta` adds the reward-side KL penalty to every token's reward. On the host."""
+        old_values = self.values(batch).cpu()
         rewards = token_rewards_from_outcome(outcome, batch.mask, kl=token_kl, beta=beta)
         adv, returns = gae_advantages(rewards, old_values, batch.mask, self.algo.gamma, self.algo.lam)
         if self.algo.whiten_advantages:
@@ -65,6 +68,7 @@ class CriticTrainer:
 
     def step(self, batch: TrainBatch, old_values: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         """Fit the value model; returns the mean value loss and gradient norm over optimizer steps."""
+        batch, old_values, returns = batch.to(self.device), old_values.to(self.device), returns.to(self.device)
         mini = self.cfg.mini_batch_size or batch.size
         losses, norms = [], []
         self.model.train()

@@ -123,6 +123,10 @@ class PolicyTrainer:
 
     def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """Log-probs [B, C] of the batch's completions under the frozen reference policy."""
+        return self._reference_logprobs(batch).cpu()  # orchestration (reward-side KL) runs on the host
+
+    def _reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """`reference_logprobs` on the model's device."""
         if self.ref_model is None:
             raise RuntimeError("no reference model: set algorithm.kl_coef > 0 or algorithm.track_kl")
         with self.ref_context():
@@ -157,7 +161,7 @@ class PolicyTrainer:
         old_logp = None if single_pass else self._logprobs_no_grad(self.model, batch)
         t1 = time.perf_counter()
         if ref_logp is None and self.ref_model is not None:
-            ref_logp = self.reference_logprobs(batch)
+            ref_logp = self._reference_logprobs(batch)
         self._timings["time/old_logprobs_s"] = t1 - t0
         self._timings["time/ref_logprobs_s"] = time.perf_counter() - t1
         if self.algo.mismatch_ratio_bounds is not None or by_segment:
@@ -221,7 +225,7 @@ class PolicyTrainer:
             raise ValueError(f"{s.rows + batch.size} rows exceed train.mini_batch_size={self.cfg.mini_batch_size}: "
                              "a streamed update is one mini-batch")
         t0 = time.perf_counter()
-        ref_logp = None if self.ref_model is None else self.reference_logprobs(batch)
+        ref_logp = None if self.ref_model is None else self._reference_logprobs(batch)
         self._timings["time/ref_logprobs_s"] += time.perf_counter() - t0
         s.rows += batch.size
         s.tokens += float(batch.mask.sum())
