@@ -128,3 +128,50 @@ def test_rows_give_each_rank_contiguous_parts_padded_to_one_size():
     # more ranks than rows: the extra rank trains padding only, and still runs the same forwards
     index, keep, per = DataParallel(2, 3).rows(2, 2)
     assert per == 1 and index.tolist() == [0] and keep.tolist() == [0]
+
+
+def critic_step(parallel: DataParallel | None) -> dict:
+    """Values, then one critic fit (two mini-batches, two epochs) on the test batch; whole tensors back."""
+    from rollmill.config import AlgorithmConfig
+    from rollmill.train.checkpoint import gather_weights, restore_weights
+    from rollmill.train.critic import CriticTrainer
+
+    torch.manual_seed(0)
+    policy = build_tiny_model(len(build_char_tokenizer()), seed=3).double()
+    critic = CriticTrainer(policy, TrainConfig(micro_batch_size=2, mini_batch_size=4, ppo_epochs=2, max_grad_norm=0.5),
+                           AlgorithmConfig(advantage="gae", critic_lr=1e-2), parallel)
+    # a non-zero head (zero at the start gives the body no gradient), set whole: the head may be sharded
+    head = torch.randn(1, policy.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    restore_weights(critic.model, {"head.weight": head * 0.5}, {"head.weight"}, "test")
+    rows, adv = rows_and_advantages()
+    batch = build_batch(rows, torch.zeros(7), pad_id=2)
+    _, returns, old_values = critic.advantages(batch, adv.double())
+    metrics = critic.step(batch, old_values, returns)
+    return {"values": old_values, "metrics": metrics,
+            "weights": {k: v.clone() for k, v in gather_weights(critic.model).items()}}
+
+
+def _critic_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        result = critic_step(DataParallel.current())
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_fit_the_critic_as_one_process(tmp_path):
+    alone = critic_step(None)
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_critic_rank, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    ranked = torch.load(out, weights_only=False)
+    assert alone["values"].abs().sum() > 0
+    torch.testing.assert_close(ranked["values"], alone["values"], rtol=1e-9, atol=1e-12)
+    for key in ("value_loss", "critic/grad_norm", "critic/value_mean"):
+        assert ranked["metrics"][key] == pytest.approx(alone["metrics"][key], rel=1e-9, abs=1e-12), key
+    for name, w in alone["weights"].items():
+        torch.testing.assert_close(ranked["weights"][name], w, rtol=1e-9, atol=1e-12, msg=name)

@@ -100,12 +100,14 @@ def test_streamed_training_on_ray_samples_as_the_recorded_run(ray_head, tmp_path
     assert_close(new["metrics"], REFERENCE["rlvr"]["metrics"], "metrics", rel=1e-4)
 
 
-def test_two_data_parallel_learner_ranks_train_as_the_recorded_run(ray_head, tmp_path):
-    """runtime.learner.ranks=2: two learner actors form a gloo group, shard the policy with FSDP2 and each
-    train their half of every batch; samples, metrics and final weights are the one-process run's."""
+@pytest.mark.parametrize("name", ["rlvr", "rlvr_critic"])
+def test_two_data_parallel_learner_ranks_train_as_the_recorded_run(ray_head, tmp_path, name):
+    """runtime.learner.ranks=2: two learner actors form a gloo group, shard the policy (and the critic) with
+    FSDP2 and each train their half of every batch; samples, metrics and final weights are the
+    one-process run's."""
     learner = {"threads": 1, "ranks": 2, "num_cpus": 0.5}
-    new = run("rlvr", tmp_path / "run", runtime={"backend": "ray", "reward_workers": 2, "rollout": {"threads": 1},
-                                                 "learner": learner})
-    assert_close(new["samples"], REFERENCE["rlvr"]["samples"], "samples")
-    assert_close(new["metrics"], REFERENCE["rlvr"]["metrics"], "metrics")
-    assert_close(new["weights"]["abs_sums"], REFERENCE["rlvr"]["weights"]["abs_sums"], "weights")
+    new = run(name, tmp_path / "run", runtime={"backend": "ray", "reward_workers": 2, "rollout": {"threads": 1},
+                                               "learner": learner})
+    assert_close(new["samples"], REFERENCE[name]["samples"], "samples")
+    assert_close(new["metrics"], REFERENCE[name]["metrics"], "metrics")
+    assert_close(new["weights"]["abs_sums"], REFERENCE[name]["weights"]["abs_sums"], "weights")

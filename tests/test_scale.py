@@ -131,13 +131,13 @@ def test_device_settings_are_checked_at_load_and_resolved_per_process(tiny_cfg):
             resolve_device("cuda")
 
 
-def test_data_parallel_ranks_need_ray_and_no_critic(tiny_cfg):
+def test_data_parallel_ranks_need_ray_and_no_streaming(tiny_cfg):
     from rollmill.checks import check_config
 
     with pytest.raises(ConfigError, match="runtime.learner.ranks.*runtime.backend"):
         check_config(tiny_cfg(runtime={"learner": {"ranks": 2}}))
-    with pytest.raises(ConfigError, match="critic"):
-        check_config(tiny_cfg(runtime={"learner": {"ranks": 2}}, algorithm={"advantage": "gae"}))
+    with pytest.raises(ConfigError, match="streamed"):
+        check_config(tiny_cfg(runtime={"backend": "ray", "learner": {"ranks": 2}, "streamed_training": True}))
 
 
 @cuda

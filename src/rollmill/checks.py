@@ -11,7 +11,7 @@ import inspect
 from pathlib import Path
 from typing import Any, Iterator
 
-from rollmill.algos import ADVANTAGE_NAMES, CRITIC_ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+from rollmill.algos import ADVANTAGE_NAMES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from rollmill.algos.losses import loss_param_names
 from rollmill.config import AlgorithmConfig, ConfigError, EnvConfig, RewardConfig, RunConfig, load_config
 from rollmill.envs import ENVS, check_env_kwargs
@@ -51,9 +51,6 @@ def _data_parallel_problems(cfg: RunConfig) -> Iterator[Problem]:
         return
     if cfg.runtime.backend != "ray":
         yield "runtime.learner.ranks", ranks, "data-parallel ranks are Ray actors: set runtime.backend to 'ray'"
-    if cfg.algorithm.advantage in CRITIC_ADVANTAGES:
-        yield ("runtime.learner.ranks", ranks, f"advantage {cfg.algorithm.advantage!r} trains a critic, which is not "
-               "sharded yet: use ranks 1 or a critic-free estimator")
     if cfg.runtime.streamed_training:
         yield "runtime.streamed_training", True, "a streamed update is one process's: turn it off with ranks > 1"
 

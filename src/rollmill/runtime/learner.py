@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model as load_safetensors_into
+from safetensors.torch import load_file
 
 from rollmill.algos import CRITIC_ADVANTAGES
 from rollmill.config import RunConfig
@@ -126,6 +126,9 @@ class Learner:
             else:
                 ref = copy.deepcopy(self.model).requires_grad_(False)
         self.parallel = DataParallel.current()
+        # the value model starts as a copy of the unsharded policy body, then shards itself
+        self.critic = (CriticTrainer(self.model, cfg.train, algo, self.parallel)
+                       if algo.advantage in CRITIC_ADVANTAGES else None)
         if self.parallel is not None:
             shard_model(self.model)  # before the optimizer exists: it must hold the sharded parameters
         self.trainer = PolicyTrainer(self.model, cfg.train, algo, temperature=cfg.rollout.sampling.temperature,
@@ -133,7 +136,6 @@ class Learner:
                                      **self.pipeline.trainer_options(cfg))
         self.kl = KLControl(algo)
         self.advantages = AdvantageComputer(algo)
-        self.critic = CriticTrainer(self.model, cfg.train, algo) if algo.advantage in CRITIC_ADVANTAGES else None
         self.version = 0
         self.engine_name = cfg.rollout.engine
         self._stream: dict | None = None  # a streamed update in progress: its sample count, oldest versions
@@ -250,6 +252,9 @@ class Learner:
         weights = gather_weights(self.model)
         blob = {"optimizer": gather_optimizer(self.model, self.trainer.optimizer),
                 "scheduler": self.trainer.scheduler.state_dict()}
+        if self.critic is not None:  # gathered like the policy (collectives under data parallelism)
+            critic_weights = gather_weights(self.critic.model)
+            critic_optimizer = gather_optimizer(self.critic.model, self.critic.optimizer)
         if not self.is_writer:
             return None
         files = dict(files)
@@ -259,8 +264,8 @@ class Learner:
         else:
             tensors = {MODEL_FILE: {k: v for k, v in weights.items() if k not in self.tied}}
         if self.critic is not None:
-            tensors["critic.safetensors"] = self.critic.model.state_dict()
-            blob["critic_optimizer"] = self.critic.optimizer.state_dict()
+            tensors["critic.safetensors"] = critic_weights
+            blob["critic_optimizer"] = critic_optimizer
         state = {**loop_state, "version": self.version, "kl_coef": self.kl.beta,
                  "reward_moments": self.advantages.state_dict()}
         return write_checkpoint(ckpt_root, step, tensors, blob, state, keep, files)
@@ -277,8 +282,9 @@ class Learner:
         restore_optimizer(self.model, self.trainer.optimizer, blob["optimizer"])
         self.trainer.scheduler.load_state_dict(blob["scheduler"])
         if self.critic is not None:
-            load_safetensors_into(self.critic.model, str(path / "critic.safetensors"), strict=True)
-            self.critic.optimizer.load_state_dict(blob["critic_optimizer"])
+            restore_weights(self.critic.model, load_file(str(path / "critic.safetensors")),
+                            set(self.critic.model.state_dict()), str(path))
+            restore_optimizer(self.critic.model, self.critic.optimizer, blob["critic_optimizer"])
         self.version = state["version"]
         self.kl.controller.load_state_dict({"value": state["kl_coef"]})
         self.trainer.kl_coef = self.kl.beta

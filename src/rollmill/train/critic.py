@@ -17,6 +17,7 @@ from rollmill.algos.gae import gae_advantages, token_rewards_from_outcome, value
 from rollmill.algos.normalize import advantage_clip, whiten
 from rollmill.config import AlgorithmConfig, TrainConfig
 from rollmill.train.batch import TrainBatch
+from rollmill.train.parallel import DataParallel, gather_rows, local_value, shard_model
 
 
 class ValueModel(nn.Module):
@@ -25,7 +26,9 @@ class ValueModel(nn.Module):
     def __init__(self, policy: PreTrainedModel):
         super().__init__()
         self.body = copy.deepcopy(policy.get_decoder())
-        self.head = nn.Linear(policy.config.hidden_size, 1)
+        # the head in float32 at least, whatever the body's dtype (a bf16 value head rounds every value)
+        dtype = torch.promote_types(next(self.body.parameters()).dtype, torch.float32)
+        self.head = nn.Linear(policy.config.hidden_size, 1, dtype=dtype)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -34,25 +37,38 @@ class ValueModel(nn.Module):
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False,
         ).last_hidden_state
         start = batch.prompt_width - 1
-        return self.head(hidden[:, start : start + batch.completion_width]).squeeze(-1).float()
+        return self.head(hidden[:, start : start + batch.completion_width].to(self.head.weight.dtype)).squeeze(-1)
 
 
 class CriticTrainer:
     """Owns the value model and its optimizer; fits values to GAE returns with the same schedule
     (epochs, mini-batches, micro-batches) as the policy."""
 
-    def __init__(self, policy: PreTrainedModel, train_cfg: TrainConfig, algo_cfg: AlgorithmConfig):
+    def __init__(self, policy: PreTrainedModel, train_cfg: TrainConfig, algo_cfg: AlgorithmConfig,
+                 parallel: DataParallel | None = None):
+        """`policy` unsharded (the value model starts as a copy of its body); with `parallel` the value
+        model is sharded over the data-parallel group and each rank fits its share of every batch, as
+        the policy trainer does (train/parallel.py)."""
         self.device = policy.get_output_embeddings().weight.device
         self.model = ValueModel(policy).to(self.device)
+        self.parallel = parallel
+        if parallel is not None:
+            shard_model(self.model, getattr(policy, "_no_split_modules", None))
         self.cfg = train_cfg
         self.algo = algo_cfg
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=algo_cfg.critic_lr, betas=train_cfg.betas)
 
     @torch.no_grad()
     def values(self, batch: TrainBatch) -> torch.Tensor:
-        """V [B, C] on the critic's device (0 off the mask)."""
+        """V [B, C] on the critic's device (0 off the mask); with data parallelism each rank computes its
+        rows and every rank gets them all."""
         batch = batch.to(self.device)
-        return torch.cat([self.model(mb) for _, mb in batch.micro_batches(self.cfg.micro_batch_size)]) * batch.mask
+        if self.parallel is None:
+            return torch.cat([self.model(mb) for _, mb in batch.micro_batches(self.cfg.micro_batch_size)]) * batch.mask
+        index, keep, _ = self.parallel.rows(batch.size, batch.size)
+        local = batch.select(index.to(self.device))
+        values = torch.cat([self.model(mb) for _, mb in local.micro_batches(self.cfg.micro_batch_size)])
+        return gather_rows(values, index, keep, batch.size).to(self.device) * batch.mask
 
     def advantages(
         self, batch: TrainBatch, outcome: torch.Tensor, token_kl: torch.Tensor | None = None, beta: float = 0.0
@@ -69,22 +85,31 @@ class CriticTrainer:
     def step(self, batch: TrainBatch, old_values: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         """Fit the value model; returns the mean value loss and gradient norm over optimizer steps."""
         batch, old_values, returns = batch.to(self.device), old_values.to(self.device), returns.to(self.device)
+        value_mean = float((old_values * batch.mask).sum() / batch.mask.sum().clamp(min=1))
         mini = self.cfg.mini_batch_size or batch.size
+        if self.parallel is not None:  # this rank's share of each mini-batch, as the policy trainer takes it
+            index, keep, mini = self.parallel.rows(batch.size, mini)
+            index = index.to(self.device)
+            batch, old_values, returns = batch.select(index), old_values[index], returns[index]
+            batch.mask = batch.mask * keep.to(self.device)[:, None]
         losses, norms = [], []
         self.model.train()
         for _ in range(self.cfg.ppo_epochs):
             for start in range(0, batch.size, mini):
                 losses.append(self._optimizer_step(batch, old_values, returns, slice(start, start + mini)))
-                norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)))
+                norms.append(local_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)))
                 self.optimizer.step()
         self.model.eval()
+        if self.parallel is not None:
+            losses = self.parallel.sum(losses)
         return {"value_loss": sum(losses) / len(losses), "critic/grad_norm": sum(norms) / len(norms),
-                "critic/value_mean": float((old_values * batch.mask).sum() / batch.mask.sum().clamp(min=1))}
+                "critic/value_mean": value_mean}
 
     def _optimizer_step(self, batch, old_values, returns, mini: slice) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         mb = batch.select(mini)
-        total_seqs = max(float((mb.mask.sum(-1) > 0).sum()), 1.0)
+        seqs = float((mb.mask.sum(-1) > 0).sum())
+        total_seqs = max(seqs if self.parallel is None else self.parallel.sum([seqs])[0], 1.0)
         loss_sum = 0.0
         for sl, micro in mb.micro_batches(self.cfg.micro_batch_size):
             seqs = float((micro.mask.sum(-1) > 0).sum())

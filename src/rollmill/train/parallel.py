@@ -57,14 +57,14 @@ class DataParallel:
         return float(t)
 
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Shard `model`'s parameters over the process group with FSDP2: each decoder layer is one unit
-    (gathered for its forward/backward, then freed), the rest is the root unit. Gradients are summed
-    over ranks, not averaged: the loss already divides by the global denominators."""
+def shard_model(model: torch.nn.Module, blocks: list[str] | None = None) -> torch.nn.Module:
+    """Shard `model`'s parameters over the process group with FSDP2: each block (by class name; default
+    the ones transformers says a model must not be split inside) is one unit, gathered for its
+    forward/backward and freed after; the rest is the root unit, whose forward must be the one called.
+    Gradients are summed over ranks, not averaged: the loss already divides by the global denominators."""
     from torch.distributed.fsdp import fully_shard
 
-    # transformers names the block classes a model must not be split inside: those are the units
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = set(blocks if blocks is not None else getattr(model, "_no_split_modules", None) or [])
     units = [m for m in model.modules() if type(m).__name__ in blocks]
     for unit in units:
         fully_shard(unit)
@@ -73,6 +73,23 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
         unit.set_gradient_divide_factor(1.0)  # per unit: the root's setting does not reach the others
         unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
     return model
+
+
+def gather_rows(local: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, size: int) -> torch.Tensor:
+    """Every rank's `local` rows (its `index`, `keep` from `DataParallel.rows`) put back in batch order:
+    the whole [size, ...] tensor on every rank (an all-gather)."""
+    world = dist.get_world_size()
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous())
+    indices = [torch.empty_like(index) for _ in range(world)]
+    dist.all_gather(indices, index)
+    keeps = [torch.empty_like(keep) for _ in range(world)]
+    dist.all_gather(keeps, keep)
+    out = local.new_zeros((size, *local.shape[1:]))
+    for part, idx, k in zip(parts, indices, keeps):
+        real = k > 0
+        out[idx[real]] = part[real]
+    return out
 
 
 def local_value(t: torch.Tensor) -> float:
