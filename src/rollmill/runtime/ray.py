@@ -65,8 +65,9 @@ class _LearnerActor(Learner):
         super().__init__(cfg)
 
     def publishable(self) -> dict[str, torch.Tensor]:
-        """The weights, serialized into the object store by value when this call returns."""
-        return self.weights()
+        """The weights, serialized into the object store by value when this call returns; host tensors
+        (a no-op on CPU), so a worker on another device or node can load them."""
+        return {name: t.detach().cpu() for name, t in self.weights().items()}
 
 
 class _RolloutActor(RolloutWorker):
