@@ -32,7 +32,7 @@ job() {  # name, then --set overrides
     || { tail -20 "$OUT/$name.log"; exit 1; }
 }
 job fp32
-job lora_bf16 --set model.lora.rank=16 --set train.lr=1e-4 --set train.precision=bf16 --set rollout.logprob_check=off
+job lora_bf16 --set model.lora.rank=16 --set train.lr=3e-4 --set train.precision=bf16 --set rollout.logprob_check=off
 
 "$BIN/python" - "$OUT" <<'PYEOF'
 import json, statistics, sys
