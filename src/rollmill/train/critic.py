@@ -88,10 +88,8 @@ class CriticTrainer:
         value_mean = float((old_values * batch.mask).sum() / batch.mask.sum().clamp(min=1))
         mini = self.cfg.mini_batch_size or batch.size
         if self.parallel is not None:  # this rank's share of each mini-batch, as the policy trainer takes it
-            index, keep, mini = self.parallel.rows(batch.size, mini)
-            index = index.to(self.device)
-            batch, old_values, returns = batch.select(index), old_values[index], returns[index]
-            batch.mask = batch.mask * keep.to(self.device)[:, None]
+            batch, index, mini = self.parallel.shard(batch, mini)
+            old_values, returns = old_values[index], returns[index]
         losses, norms = [], []
         self.model.train()
         for _ in range(self.cfg.ppo_epochs):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rollmill.train.batch import TrainBatch
+
 
 @dataclass(frozen=True)
 class DataParallel:
@@ -44,6 +46,15 @@ class DataParallel:
             index += own + [start] * (per - len(own))
             keep += [1.0] * len(own) + [0.0] * (per - len(own))
         return torch.tensor(index, dtype=torch.long), torch.tensor(keep), per
+
+    def shard(self, batch: TrainBatch, mini: int) -> tuple[TrainBatch, torch.Tensor, int]:
+        """This rank's rows of `batch` (per `rows`, padding rows with an all-zero mask), their index into
+        `batch` (for tensors that go with it) and the rows per local mini-batch."""
+        index, keep, per = self.rows(batch.size, mini)
+        index = index.to(batch.mask.device)
+        local = batch.select(index)
+        local.mask = local.mask * keep.to(batch.mask.device)[:, None]
+        return local, index, per
 
     def sum(self, values: list[float]) -> list[float]:
         """Each value summed over the ranks."""

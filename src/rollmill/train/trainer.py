@@ -146,10 +146,8 @@ class PolicyTrainer:
         ref_logp = None if ref_logp is None else ref_logp.to(self.device)
         mini = self.cfg.mini_batch_size or batch.size
         if self.parallel is not None:
-            index, keep, mini = self.parallel.rows(batch.size, mini)
-            batch = batch.select(index.to(self.device))
-            batch.mask = batch.mask * keep.to(self.device)[:, None]
-            ref_logp = None if ref_logp is None else ref_logp[index.to(self.device)]
+            batch, index, mini = self.parallel.shard(batch, mini)
+            ref_logp = None if ref_logp is None else ref_logp[index]
         by_segment = self.segment_mismatch_bound is not None and batch.segments is not None
         # Filters that drop tokens before the update need the old log-probs up front; truncated IS
         # weights do not: they are computed per micro-batch from the old log-probs at hand.
