@@ -103,3 +103,19 @@ def test_config_package_imports_no_other_rollmill_module():
     outside = [m for m in out.stdout.split()
                if m.startswith("rollmill.") and m != "rollmill.config" and not m.startswith("rollmill.config.")]
     assert not outside
+
+
+def test_settings_that_cannot_learn_or_never_apply_are_refused(tiny_cfg, tmp_path):
+    from rollmill.checks import check_config
+
+    with pytest.raises(ConfigError, match="rollout.group_size = 1.*every advantage is 0"):
+        check_config(tiny_cfg(rollout={"group_size": 1}))
+    check_config(tiny_cfg(rollout={"group_size": 1}, algorithm={"advantage": "reinforce_pp"}))  # a batch baseline
+    with pytest.raises(ConfigError, match="warmup_steps=50 > train.steps=4"):
+        tiny_cfg(train={"steps": 4, "warmup_steps": 50})
+    with pytest.raises(ConfigError, match="mini_batch_size=64 is larger than the batch.*8 samples"):
+        tiny_cfg(train={"mini_batch_size": 64})
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(empty)

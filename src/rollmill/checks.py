@@ -11,7 +11,7 @@ import inspect
 from pathlib import Path
 from typing import Any, Iterator
 
-from rollmill.algos import ADVANTAGE_NAMES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+from rollmill.algos import ADVANTAGE_NAMES, GROUP_BASELINE_ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from rollmill.algos.losses import loss_param_names
 from rollmill.config import AlgorithmConfig, ConfigError, EnvConfig, RewardConfig, RunConfig, load_config
 from rollmill.envs import ENVS, check_env_kwargs
@@ -32,7 +32,7 @@ def check_config(cfg: RunConfig) -> RunConfig:
     """Return `cfg` if every registry name in it exists and takes the arguments given, else raise
     ConfigError listing every problem, each naming the key, its value and what is allowed."""
     problems = [*_algorithm_problems(cfg.algorithm), *_reward_problems(cfg.reward), *_env_problems(cfg.env),
-                *_data_parallel_problems(cfg)]
+                *_data_parallel_problems(cfg), *_signal_problems(cfg)]
     if problems:
         # the shape of load_config's errors, so both read the same
         raise ConfigError("invalid config:\n  " + "\n  ".join(f"{key} = {value!r}: {msg}" for key, value, msg in problems))
@@ -42,6 +42,17 @@ def check_config(cfg: RunConfig) -> RunConfig:
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """`load_config` (YAML, overrides, validation) followed by `check_config`."""
     return check_config(load_config(path, overrides))
+
+
+def _signal_problems(cfg: RunConfig) -> Iterator[Problem]:
+    """Settings under which the update can never move the policy."""
+    algo = cfg.algorithm
+    group_baseline = algo.advantage in GROUP_BASELINE_ADVANTAGES or (algo.advantage == "normalized"
+                                                                      and algo.norm_mean == "group")
+    if cfg.rollout.group_size == 1 and group_baseline:
+        yield ("rollout.group_size", 1, f"advantage {algo.advantage!r} subtracts the group's own mean, so with one "
+               "sample per group every advantage is 0 (no learning signal): use group_size >= 2, or an estimator "
+               "with a batch baseline (batch, reinforce_pp)")
 
 
 def _data_parallel_problems(cfg: RunConfig) -> Iterator[Problem]:

@@ -39,7 +39,7 @@ def cmd_train(args) -> int:
 
     run_dir = Path(args.run_dir) if args.run_dir else (_latest_run(cfg) if args.resume else None) or new_run_dir(cfg)
     log.info("run directory: %s", run_dir)
-    result = train(cfg, run_dir, resume=args.resume)
+    result = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite)
     print(f"held-out before: {_fmt(result.eval_before)}")
     print(f"held-out after:  {_fmt(result.eval_after)}")
     print(f"run directory:   {result.run_dir}")
@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", **sets)
     p.add_argument("--run-dir", help="run directory (default: runs/NAME-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir (its files are removed)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="pass@1 / pass@k on the held-out split")

@@ -13,11 +13,14 @@ from rollmill.algos.losses import POLICY_LOSSES, PolicyLossOutput, ppo_clip_loss
 CRITIC_ADVANTAGES = ("gae",)
 # "normalized" composes algorithm.norm_mean / norm_std / reward_clip / advantage_clip / whitening.
 ADVANTAGE_NAMES = (*ADVANTAGES, "normalized", *CRITIC_ADVANTAGES)
+# Estimators whose baseline is the group's own mean: with one sample per group every advantage is 0.
+GROUP_BASELINE_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "lite_ppo")
 
 __all__ = [
     "ADVANTAGES",
     "ADVANTAGE_NAMES",
     "CRITIC_ADVANTAGES",
+    "GROUP_BASELINE_ADVANTAGES",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "POLICY_LOSSES",

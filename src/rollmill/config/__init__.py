@@ -192,6 +192,13 @@ class TrainConfig(Strict):
                             "engine's by more, see rollout.logprob_tolerance)")
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "TrainConfig":
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} > train.steps={self.steps}: the learning rate "
+                             "would never reach train.lr")
+        return self
+
 
 class CheckpointConfig(Strict):
     every: int = Field(10, ge=0, description="steps between checkpoints; 0 = only at the end")
@@ -247,6 +254,15 @@ class RunConfig(Strict):
         if a.env_async is not None:
             return not a.env_async
         return a.max_staleness == 0 and not (a.redundant_episodes or a.extra_groups or self.tail_batching.enabled)
+
+    @model_validator(mode="after")
+    def _mini_batch_fits(self) -> "RunConfig":
+        batch = self.rollout.prompts_per_step * self.rollout.group_size
+        if self.train.mini_batch_size is not None and self.train.mini_batch_size > batch:
+            raise ValueError(f"train.mini_batch_size={self.train.mini_batch_size} is larger than the batch "
+                             f"(rollout.prompts_per_step x group_size = {batch} samples); leave it unset for one "
+                             "optimizer step per batch")
+        return self
 
     @model_validator(mode="after")
     def _streaming_is_synchronous(self) -> "RunConfig":
@@ -360,9 +376,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:  # an empty file would otherwise run the built-in defaults without a word
+        raise ConfigError(f"{path}: the config file is empty; give at least one section (or no file for the main job)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     for text in overrides or []:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rollmill.checks import check_config
 from rollmill.config import RunConfig
-from rollmill.runtime.loop import TrainResult, run_job
+from rollmill.runtime.loop import TrainResult, check_resume_config, check_run_dir, run_job
 from rollmill.runtime.rl import RLJob
 
 
@@ -26,9 +26,13 @@ def roles_for(cfg: RunConfig):
     return LocalRoles
 
 
-def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
-    """Train per `cfg` into `run_dir` (continuing from its latest checkpoint with `resume`)."""
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Train per `cfg` into `run_dir`: continuing from its latest checkpoint with `resume`, replacing a run
+    already there with `overwrite`; a run already there is refused otherwise (ConfigError)."""
     cfg = check_config(cfg)
+    check_run_dir(run_dir, resume, overwrite)
+    if resume:
+        check_resume_config(cfg, run_dir)
     return run_job(RLJob(cfg, run_dir, roles_for(cfg)), cfg, run_dir, resume)
 
 

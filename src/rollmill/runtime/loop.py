@@ -16,8 +16,9 @@ from typing import Protocol
 
 from tqdm import tqdm
 
-from rollmill.config import RunConfig, dump_config
+from rollmill.config import ConfigError, RunConfig, dump_config, load_config
 from rollmill.track import RunLogger, plot_run
+from rollmill.track.metrics import clear_run, run_files
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,55 @@ class Job(Protocol):
     def close(self) -> None: ...
 
 
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run where one already is (its metrics would interleave with the new ones and
+    its checkpoints outlive them): continue it (`resume`), replace it (`overwrite`: what it wrote is
+    removed first), or pick another directory. Call it before any role is built."""
+    found = run_files(run_dir)
+    if not found or resume:
+        return
+    if not overwrite:
+        raise ConfigError(f"run directory {str(run_dir)!r} already holds a run ({', '.join(found)}): continue it "
+                          "with --resume, replace it with --overwrite, or choose another --run-dir")
+    log.info("--overwrite: removing the previous run's %s from %s", ", ".join(found), run_dir)
+    clear_run(run_dir)
+
+
+# Settings a resumed run may change: when to stop, evaluate, checkpoint and log, and where the roles run.
+# Anything else (model, task, rewards, sampling, algorithm, optimizer and LR schedule, seeds) would make
+# the resumed run a different one than its checkpoint and config.yaml say.
+CHANGEABLE_ON_RESUME = ("name", "train.steps", "eval.", "checkpoint.", "log.", "runtime.", "model.device",
+                        "rollout.engine", "rollout.batch_size", "rollout.prefix_cache_mb", "rollout.logprob_tolerance",
+                        "rollout.logprob_check", "rollout.weight_sync_timeout_s")
+
+
+def check_resume_config(cfg: RunConfig, run_dir: Path) -> None:
+    """On `--resume`, compare `cfg` with the run's own config.yaml: changes to settings that cannot change
+    mid-run are refused naming each key; the others are logged and apply."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    before, after = _flat(load_config(saved).model_dump(mode="json")), _flat(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    fixed = [k for k in changed if not k.startswith(CHANGEABLE_ON_RESUME)]
+    if fixed:
+        raise ConfigError("--resume with settings that cannot change mid-run: " + "; ".join(
+            f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in fixed) + f". Resume with the run's own config "
+            f"({saved}) or start a new run")
+    for k in changed:
+        log.info("resume: %s changes from %r to %r", k, before.get(k), after.get(k))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def run_job(job: Job, cfg: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
     """Step `job` to `cfg.train.steps`, evaluating and checkpointing on schedule; always closes it."""
     try:
@@ -69,9 +119,9 @@ def _run(job: Job, cfg: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
     resume_step = None
     if resume:
         state = job.resume()
-        if state is None:
+        if state is None:  # killed before its first checkpoint: start over, not after its step-0 record
             log.info("no checkpoint in %s: starting from step 0", run_dir)
-            resume_step = 0
+            clear_run(run_dir)
         else:
             eval_before, resume_step = state.get("eval_before"), job.step
     dump_config(cfg, run_dir / "config.yaml")

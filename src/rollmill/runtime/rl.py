@@ -237,18 +237,25 @@ class RLJob:
 
     def resume(self) -> dict | None:
         ckpts = list_checkpoints(self.run_dir / "checkpoints")
-        if not ckpts:
-            return None
-        state = self.roles.load(ckpts[-1])
-        self.step = state["step"]
-        self.source.load_state(state["source"])
-        queue = ckpts[-1] / QUEUE_FILE
-        if queue.is_file():
-            self._restart = self.queue.load_state(pickle.loads(queue.read_bytes()))
-        self.roles.publish(self.step, wait=True)
-        self.published = self.step
-        log.info("resumed from %s (step %d)", ckpts[-1], self.step)
-        return state
+        for ckpt in reversed(ckpts):  # newest first; an unreadable one falls back to the one before
+            try:
+                state = self.roles.load(ckpt)
+                queue = pickle.loads((ckpt / QUEUE_FILE).read_bytes()) if (ckpt / QUEUE_FILE).is_file() else None
+            except Exception as err:  # noqa: BLE001 - any unreadable file: the reason is logged, the run goes on
+                log.warning("checkpoint %s cannot be read (%s: %s); trying the one before", ckpt, type(err).__name__,
+                            str(err).splitlines()[0][:200] if str(err) else "")
+                continue
+            self.step = state["step"]
+            self.source.load_state(state["source"])
+            if queue is not None:
+                self._restart = self.queue.load_state(queue)
+            self.roles.publish(self.step, wait=True)
+            self.published = self.step
+            log.info("resumed from %s (step %d)", ckpt, self.step)
+            return state
+        if ckpts:
+            raise RuntimeError(f"no checkpoint under {self.run_dir / 'checkpoints'} can be read (see the warnings above)")
+        return None
 
     def close(self) -> None:
         self.roles.close()

@@ -4,17 +4,48 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
+# What a run writes into its directory (besides other roles' files inside checkpoints/)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "curves.png", "tensorboard", "checkpoints")
+
+
+def run_files(run_dir: Path) -> list[str]:
+    """The names of RUN_FILES present in `run_dir`: non-empty when it already holds a run."""
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove what a run wrote into `run_dir` (RUN_FILES only: anything else there is left alone)."""
+    for name in run_files(run_dir):
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _parsed_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, its JSON record) for each line of a .jsonl file; a last line cut short by a kill mid-write
+    is dropped with a warning, a bad line elsewhere is an error."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for k, line in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if k < len(lines) - 1:
+                raise ValueError(f"{path}: line {k + 1} is not JSON: {line[:80]!r}") from None
+            log.warning("%s: dropping a last line cut short (a run killed mid-write): %r", path, line[:80])
+    return out
+
+
 def _truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop records past `max_step`: a resumed run rewrites the steps it is about to redo."""
+    """Drop records past `max_step` (and a torn last line): a resumed run rewrites the steps it is about to redo."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= max_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    path.write_text("".join(line + "\n" for line, record in _parsed_lines(path) if record["step"] <= max_step))
 
 
 # Timings and throughput vary run to run; everything else in a record is a function of the seed.
@@ -30,7 +61,7 @@ def deterministic_metrics(path: Path) -> list[dict]:
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _parsed_lines(path)]
 
 
 class RunLogger:

@@ -84,9 +84,11 @@ def write_checkpoint(ckpt_root: Path, step: int, tensors: dict[str, dict[str, to
     tmp = ckpt_root / f".tmp-{PREFIX}{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    torch.save({**blob, "rng": _rng_state()}, tmp / "trainer.pt")
+    mode = (tmp / "trainer.pt").stat().st_mode & 0o777  # what the umask gives a new file
     for name, state in tensors.items():
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / name))
-    torch.save({**blob, "rng": _rng_state()}, tmp / "trainer.pt")
+        (tmp / name).chmod(mode)  # safetensors writes 0600; a checkpoint's files should all read alike
     for name, data in (files or {}).items():
         (tmp / name).write_bytes(data)
     (tmp / "state.json").write_text(json.dumps({"step": step, **loop_state}, indent=1))
