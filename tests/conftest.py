@@ -1,9 +1,31 @@
+import os
+
 import pytest
 import torch
 
 from rollmill.config import config_from_dict
 
 torch.set_num_threads(1)
+
+
+def _let_pass(directory) -> None:
+    os.chmod(directory, os.stat(directory).st_mode | 0o001)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sandbox_identity_passes_the_temp_base(tmp_path_factory):
+    """bwrap runs as an unprivileged uid that must pass through every directory above a sandbox
+    state root (rollmill.sandbox.bwrap), and pytest makes its temp directories 0700: open them to
+    o+x (pass through, never list) so tests can keep sandbox roots under tmp_path."""
+    base = tmp_path_factory.getbasetemp()
+    _let_pass(base.parent)
+    _let_pass(base)
+
+
+@pytest.fixture(autouse=True)
+def sandbox_identity_passes_tmp_path(request):
+    if "tmp_path" in request.fixturenames:
+        _let_pass(request.getfixturevalue("tmp_path"))
 
 
 def tiny_config_dict(tmp_path, **sections) -> dict:

@@ -157,6 +157,7 @@ def test_bad_requests_get_400_with_a_reason_and_the_server_keeps_serving(served,
     response = httpx.post(url + "/v1/chat/completions", json=body)
     assert response.status_code == 400
     error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["message"]
     assert error["param"] == field or error["param"].startswith(field + ".")  # a union adds its branch
     assert proxy.calls() == [] and engine.returned == []

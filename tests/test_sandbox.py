@@ -79,8 +79,11 @@ def test_bwrap_rejects_bad_ids_and_missing_workspace(tmp_path):
     backend = make_backend("bwrap", root=tmp_path / "sb")
     with pytest.raises(SandboxError, match="bad sandbox id"):
         backend.create(SandboxSpec(), "../escape")
-    with pytest.raises(SandboxError, match="is not a directory"):
+    with pytest.raises(SandboxError, match="does not exist"):
         backend.create(SandboxSpec(workspace=str(tmp_path / "nope")))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SandboxError, match="is not a directory"):
+        backend.create(SandboxSpec(workspace=str(tmp_path / "file")))
     with pytest.raises(SandboxError, match="max_file_bytes"):
         sid = backend.create(SandboxSpec(max_file_bytes=10))
         backend.put(sid, "f", b"x" * 11)
@@ -242,3 +245,12 @@ def test_docker_backend_runs_where_a_daemon_exists(tmp_path):
         assert backend.exec(sid, ["sleep", "5"], timeout_s=0.5).status is Status.TIMEOUT
     finally:
         backend.close()
+
+
+def test_process_backend_leaves_no_temp_directory_behind(tmp_path):
+    script = ("import logging, sys; from rollmill.sandbox.process import ProcessBackend; b = ProcessBackend(); "
+              "sid = b.create(__import__('rollmill.sandbox.spec', fromlist=['x']).SandboxSpec()); "
+              "assert b.exec(sid, ['true']).ok; print(b.root)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    root = Path(out.stdout.strip())
+    assert root.name.startswith("rollmill-process-sandboxes-") and not root.exists()

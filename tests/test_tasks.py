@@ -13,6 +13,7 @@ import pytest
 from rollmill.config import TaskConfig
 from rollmill.rewards import REWARDS
 from rollmill.tasks import ARITHMETIC_TASKS, DataError, load_task
+from rollmill.tasks.arithmetic import QUESTION_COUNTS
 
 
 def expected_answer(name: str, question: str) -> int:
@@ -82,6 +83,14 @@ def test_arithmetic_eval_does_not_depend_on_train_size():
 def test_empty_instruction_leaves_the_bare_question():
     train, _ = load_task(TaskConfig(name="double", train_size=5, eval_size=5, instruction=""))
     assert re.fullmatch(r"What is \d+ doubled\?", train[0].prompt)
+
+
+@pytest.mark.parametrize("name", sorted(ARITHMETIC_TASKS))
+def test_question_counts_match_the_generators(name):
+    # The config check refuses eval splits by these counts, so an overstated one would let a run spin
+    # and an understated one would refuse a valid config. 15 x count seeded draws reach every question.
+    rng = random.Random(0)
+    assert len({ARITHMETIC_TASKS[name](rng)[0] for _ in range(15 * QUESTION_COUNTS[name])}) == QUESTION_COUNTS[name]
 
 
 def test_question_space_too_small_is_a_clear_error():

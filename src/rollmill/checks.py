@@ -1,4 +1,5 @@
-"""The config checks that need a registry: algorithm names and loss parameters, reward functions, envs.
+"""The config checks that need a registry: algorithm names and loss parameters, reward functions, envs;
+and, through `rollmill.input_checks`, the task, model folder and engine package a config points at.
 
 `rollmill.config` knows no registry (the env registry imports the config, so the config importing it
 back would be a cycle); this module sits above both. `load_run_config` is `load_config` plus these
@@ -9,15 +10,14 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from rollmill.algos import ADVANTAGE_NAMES, GROUP_BASELINE_ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from rollmill.algos.losses import loss_param_names
 from rollmill.config import AlgorithmConfig, ConfigError, EnvConfig, RewardConfig, RunConfig, load_config
 from rollmill.envs import ENVS, check_env_kwargs
+from rollmill.input_checks import Problem, input_problems
 from rollmill.rewards import REWARDS
-
-Problem = tuple[str, Any, str]  # (dotted key, its value, what is wrong and what is allowed)
 
 # algorithm field -> (its registry, what to call it in errors)
 _ALGO_REGISTRIES = {
@@ -32,7 +32,7 @@ def check_config(cfg: RunConfig) -> RunConfig:
     """Return `cfg` if every registry name in it exists and takes the arguments given, else raise
     ConfigError listing every problem, each naming the key, its value and what is allowed."""
     problems = [*_algorithm_problems(cfg.algorithm), *_reward_problems(cfg.reward), *_env_problems(cfg.env),
-                *_data_parallel_problems(cfg), *_signal_problems(cfg)]
+                *_data_parallel_problems(cfg), *_signal_problems(cfg), *input_problems(cfg)]
     if problems:
         # the shape of load_config's errors, so both read the same
         raise ConfigError("invalid config:\n  " + "\n  ".join(f"{key} = {value!r}: {msg}" for key, value, msg in problems))

@@ -99,10 +99,36 @@ def cmd_samples(args) -> int:
     return 0
 
 
+def _plot_paths(args) -> tuple[Path, Path]:
+    """(run directory, image to write), checked here because matplotlib's errors name neither the run
+    nor the option, and an unknown extension would only fail after the figure is drawn."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else run_dir / "curves.png"
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist (or is not a directory): nothing to plot")
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise ConfigError(f"{run_dir} has no metrics.jsonl: nothing to plot (is it a run directory?)")
+    if not out.parent.is_dir():
+        raise ConfigError(f"cannot write the plot to {out}: folder {out.parent} does not exist")
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if out.suffix.removeprefix(".").lower() not in formats:
+        raise ConfigError(f"cannot write the plot to {out}: the file name must end in an image extension, "
+                          f"one of {formats}")
+    return run_dir, out
+
+
 def cmd_plot(args) -> int:
     from rollmill.track import plot_run
 
-    print(plot_run(Path(args.run_dir)))
+    run_dir, out = _plot_paths(args)
+    try:
+        print(plot_run(run_dir, out))
+    except FileNotFoundError as err:  # metrics.jsonl holds no record
+        raise ConfigError(str(err)) from None
+    except OSError as err:
+        raise ConfigError(f"cannot write the plot to {out}: {err.strerror or err}") from None
     return 0
 
 
@@ -215,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="write RUN_DIR/curves.png")
     p.add_argument("run_dir")
+    p.add_argument("--out", help="the image to write (default: RUN_DIR/curves.png)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("simulate", help="predict a rollout/training schedule at cluster scale (docs/simulator.md)")

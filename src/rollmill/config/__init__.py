@@ -15,11 +15,12 @@ from typing import Any, Literal
 import re
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rollmill.config.agent import AgentConfig, EnvConfig
 from rollmill.config.algorithm import AlgorithmConfig
 from rollmill.config.base import Strict, check_device
+from rollmill.config.errors import format_validation_error
 from rollmill.config.runtime import AsyncConfig, RuntimeConfig, TailBatchingConfig
 
 
@@ -336,36 +337,11 @@ def _apply(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _format_error(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            section = _section_model(e["loc"][:-1])
-            allowed = sorted(f.alias or name for name, f in section.model_fields.items()) if section else []
-            lines.append(f"unknown key {key!r}; allowed keys here: {allowed}")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{key or '<root>'} = {e.get('input')!r}: {msg}")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def _section_model(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = RunConfig
-    for part in loc:
-        by_key = {f.alias or name: f for name, f in model.model_fields.items()}
-        field = by_key.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return None
-        model = field.annotation
-    return model
-
-
 def config_from_dict(data: dict) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+        raise ConfigError(format_validation_error(err, RunConfig)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

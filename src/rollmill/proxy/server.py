@@ -13,58 +13,18 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Literal
 
 import uvicorn
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
+from rollmill.proxy.api import BodySizeLimit, ChatMessage, ChatRequest, OpenAIError, http_error, logprob_entry
 from rollmill.proxy.records import ProxyCall
+from rollmill.proxy.stream import sse_events
 from rollmill.rollout.engine import Completion, Engine, SamplingParams
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    # extra keys (name, tool_calls, tool_call_id) reach the chat template, which may render them
-    model_config = ConfigDict(extra="allow", strict=True)
-    role: str = Field(min_length=1)
-    content: str | list[TextPart] | None = None
-
-
-class ChatRequest(BaseModel):
-    """The accepted part of an OpenAI chat request; other fields (tools, penalties...) are ignored.
-
-    Clients may send any optional field as null, which means its default.
-    """
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-    messages: list[ChatMessage] = Field(min_length=1)
-    model: str | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    n: int | None = Field(None, ge=1)
-    seed: int | None = None
-    user: str | None = None
-    logprobs: bool | None = None
-
-
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    """An error body in OpenAI's shape, which its clients turn into a readable exception."""
-    return JSONResponse(
-        status_code=status,
-        content={"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}},
-    )
 
 
 def _plain_message(message: ChatMessage) -> dict:
@@ -83,22 +43,64 @@ def _visible_text(text: str, stop: tuple[str, ...]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
+def _model_context_length(engine: Engine) -> int | None:
+    """The model's own context length where the engine shows it: vLLM's `max_model_len`, else the
+    transformers config's `max_position_embeddings`; None when it shows neither."""
+    vllm_config = getattr(getattr(getattr(engine, "llm", None), "llm_engine", None), "model_config", None)
+    hf_config = getattr(getattr(engine, "model", None), "config", None)
+    for value in (getattr(vllm_config, "max_model_len", None), getattr(hf_config, "max_position_embeddings", None)):
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 class ModelProxy:
     """Serves `engine` as an OpenAI-compatible chat model and records every call for training.
 
     `app` is the FastAPI application: `POST /v1/chat/completions`, `GET /v1/models`,
-    `GET /health`. A call's session is the `X-Rollmill-Session` header, else the request's `user`
-    field, else "default"; a trainer collects a finished episode with `pop_calls(session)`.
-    Engine calls are serialized, since engines are not thread-safe.
+    `GET /v1/models/{model}`, `GET /health`. A call's session is the `X-Rollmill-Session` header,
+    else the request's `user` field, else "default"; a trainer collects a finished episode with
+    `pop_calls(session)`. Engine calls are serialized, since engines are not thread-safe. Every
+    refusal is an OpenAI-shaped error (`{"error": {message, type, param, code}}`). `stream=True`
+    generates the whole reply, records it, then sends it as `chat.completion.chunk` server-sent
+    events, one per token (the engine interface hands back only finished completions; see `stream`).
+
+    - `model_name`: the one model served; a request naming another gets 404 `model_not_found`
+      (a request without `model` gets this one). The default is what the bundled harness asks for.
+    - `default_max_tokens`: the reply budget of a request without `max_tokens`/`max_completion_tokens`
+      (shortened to what the context has room for).
+    - `max_tokens_limit`: the most reply tokens a request may ask for; more is a 400.
+    - `context_length`: prompt + requested reply tokens must fit, else a 400; None uses the model's
+      own length as the engine shows it (vLLM `max_model_len`, transformers `max_position_embeddings`),
+      a number caps it further. With neither, only `max_tokens_limit` bounds a request.
+    - `max_n`: the most choices (`n`) one request may ask for; more is a 400.
+    - `max_body_bytes`: larger request bodies get 413, by Content-Length or while they are read.
+    - `accept_any_model`: answer whatever `model` a request names (a harness with its own model name).
     """
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str = "rollmill", default_max_tokens: int = 256):
+    def __init__(self, engine: Engine, tokenizer, model_name: str = "policy", default_max_tokens: int = 256, *,
+                 max_tokens_limit: int = 4096, context_length: int | None = None, max_n: int = 16,
+                 max_body_bytes: int = 8 * 2**20, accept_any_model: bool = False):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("ModelProxy needs a tokenizer with a chat template")
+        positive = {"default_max_tokens": default_max_tokens, "max_tokens_limit": max_tokens_limit, "max_n": max_n,
+                    "max_body_bytes": max_body_bytes, "context_length": 1 if context_length is None else context_length}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"ModelProxy: {name} must be at least 1, got {value}")
+        if default_max_tokens > max_tokens_limit:
+            raise ValueError(f"ModelProxy: default_max_tokens ({default_max_tokens}) is above "
+                             f"max_tokens_limit ({max_tokens_limit})")
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
+        self.max_tokens_limit = max_tokens_limit
+        known = [n for n in (context_length, _model_context_length(engine)) if n is not None]
+        self.context_length = min(known) if known else None
+        self.max_n = max_n
+        self.max_body_bytes = max_body_bytes
+        self.accept_any_model = accept_any_model
         self._engine_lock = threading.Lock()
         self._records_lock = threading.Lock()
         self._calls: list[ProxyCall] = []
@@ -138,15 +140,29 @@ class ModelProxy:
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="rollmill model proxy")
+        app.add_middleware(BodySizeLimit, max_bytes=self.max_body_bytes)
+
+        @app.exception_handler(OpenAIError)
+        async def refused(request: Request, exc: OpenAIError) -> JSONResponse:
+            return exc.response()
+
+        @app.exception_handler(HTTPException)
+        async def http_refused(request: Request, exc: HTTPException) -> JSONResponse:
+            return http_error(exc, f"{request.method} {request.url.path}").response()
 
         @app.exception_handler(RequestValidationError)
         async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
             errors = exc.errors()
             if any(e["type"] == "json_invalid" for e in errors):
-                return _error(400, "the request body is not valid JSON")
+                return OpenAIError(400, "the request body is not valid JSON").response()
             fields = [".".join(str(p) for p in e["loc"][1:]) for e in errors]
             message = "; ".join(f"{f or 'body'}: {e['msg']}" for f, e in zip(fields, errors))
-            return _error(400, message, fields[0] or None)
+            return OpenAIError(400, message, fields[0] or None).response()
+
+        @app.exception_handler(Exception)
+        async def failed(request: Request, exc: Exception) -> JSONResponse:
+            # still OpenAI's shape, so a client reports it; uvicorn logs the traceback
+            return OpenAIError(500, f"the model proxy failed: {type(exc).__name__}: {exc}").response()
 
         @app.get("/health")
         def health() -> dict:
@@ -154,8 +170,12 @@ class ModelProxy:
 
         @app.get("/v1/models")
         def models() -> dict:
-            card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "rollmill"}
-            return {"object": "list", "data": [card]}
+            return {"object": "list", "data": [self._model_card()]}
+
+        @app.get("/v1/models/{model}")
+        def model(model: str) -> dict:
+            self._check_model(model)
+            return self._model_card()
 
         # a plain `def`: FastAPI runs it in a worker thread, so generating never blocks the event loop
         @app.post("/v1/chat/completions")
@@ -164,17 +184,47 @@ class ModelProxy:
 
         return app
 
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "rollmill"}
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name and not self.accept_any_model:
+            raise OpenAIError(404, f"The model `{name}` does not exist: this proxy serves `{self.model_name}`",
+                              "model", "model_not_found")
+
+    def _max_new_tokens(self, body: ChatRequest, prompt_tokens: int) -> int:
+        """The reply budget: what the request asks for, within `max_tokens_limit` and the context."""
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        asked = body.max_completion_tokens or body.max_tokens
+        if asked is not None and asked > self.max_tokens_limit:
+            raise OpenAIError(400, f"{param} is too large: {asked}. This proxy allows at most {self.max_tokens_limit} "
+                                   "completion tokens (max_tokens_limit).", param, "integer_above_max_value")
+        if self.context_length is None:
+            return asked or self.default_max_tokens
+        room = self.context_length - prompt_tokens
+        if room < 1 or (asked is not None and asked > room):
+            reply = asked or 1
+            raise OpenAIError(400, f"This model's maximum context length is {self.context_length} tokens. However, "
+                                   f"you requested {prompt_tokens + reply} tokens ({prompt_tokens} in the messages, "
+                                   f"{reply} in the completion). Please reduce the length of the messages or "
+                                   "completion.", "messages", "context_length_exceeded")
+        return asked or min(self.default_max_tokens, room)
+
     def _complete(self, body: ChatRequest, session: str):
+        self._check_model(body.model)
+        if body.n is not None and body.n > self.max_n:
+            raise OpenAIError(400, f"n is too large: {body.n}. This proxy allows at most {self.max_n} choices per "
+                                   "request (max_n).", "n", "integer_above_max_value")
         messages = [_plain_message(m) for m in body.messages]
         try:
             prompt_ids = self._prompt_ids(messages)
         except (TemplateError, ValueError) as exc:
-            return _error(400, f"the chat template could not render these messages: {exc}", "messages")
+            raise OpenAIError(400, f"the chat template could not render these messages: {exc}", "messages") from exc
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         sampling = SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
-            max_new_tokens=body.max_completion_tokens or body.max_tokens or self.default_max_tokens,
+            max_new_tokens=self._max_new_tokens(body, len(prompt_ids)),
             stop=stop,
             n=body.n or 1,
         )
@@ -182,37 +232,42 @@ class ModelProxy:
             try:
                 choices = self.engine.generate([prompt_ids], sampling, seed=body.seed)
             except ValueError as exc:
-                return _error(400, f"the engine refused the request: {exc}")
-            # recorded under the engine lock, so call indices follow generation order
+                raise OpenAIError(400, f"the engine refused the request: {exc}") from exc
+            # recorded under the engine lock, so call indices follow generation order; a streamed
+            # reply is recorded here too, before its first chunk is sent
             self._record(session, messages, prompt_ids, choices)
+        return self._reply(body, prompt_ids, choices, [_visible_text(c.text, stop) for c in choices])
+
+    def _reply(self, body: ChatRequest, prompt_ids: list[int], choices: list[Completion], contents: list[str]):
+        """The finished reply: one `chat.completion` object, or its chunks as server-sent events."""
         completion_tokens = sum(len(c.token_ids) for c in choices)
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
+                 "total_tokens": len(prompt_ids) + completion_tokens}
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": body.model or self.model_name}
+        if body.stream:
+            with_usage = body.stream_options is not None and body.stream_options.include_usage
+            events = sse_events(self.tokenizer, head, choices, contents, bool(body.logprobs),
+                                usage if with_usage else None)
+            return StreamingResponse(iter(events), media_type="text/event-stream")
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            **head,
             "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.model or self.model_name,
             "choices": [
                 {
                     "index": j,
-                    "message": {"role": "assistant", "content": _visible_text(c.text, stop)},
+                    "message": {"role": "assistant", "content": content},
                     "finish_reason": c.finish_reason,
                     "logprobs": self._logprobs(c) if body.logprobs else None,
                 }
-                for j, c in enumerate(choices)
+                for j, (c, content) in enumerate(zip(choices, contents))
             ],
-            "usage": {
-                "prompt_tokens": len(prompt_ids),
-                "completion_tokens": completion_tokens,
-                "total_tokens": len(prompt_ids) + completion_tokens,
-            },
+            "usage": usage,
         }
 
     def _logprobs(self, completion: Completion) -> dict:
-        content = []
-        for token_id, logprob in zip(completion.token_ids, completion.logprobs):
-            token = self.tokenizer.decode([token_id])
-            content.append({"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []})
-        return {"content": content}
+        pairs = zip(completion.token_ids, completion.logprobs)
+        return {"content": [logprob_entry(self.tokenizer, token_id, logprob) for token_id, logprob in pairs]}
 
     def serve(self, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> str:
         """Serve over TCP in a background thread; return the base URL (port 0 picks a free port)."""

@@ -4,6 +4,12 @@ Each `exec` is one `bwrap --unshare-all --die-with-parent --cap-drop ALL` proces
 persistent filesystem: killing it kills its whole PID namespace, daemonised grandchildren included,
 so no command outlives its exec. Files persist between execs; processes do not. Nothing of ours
 runs inside the sandbox.
+
+bwrap itself runs as `host_uid`, an identity that owns nothing on the host (`nobody` by default):
+the sandbox's root is that uid outside, so host files only root may read stay unreadable whatever
+path leads to them. Every host directory reaches bwrap as a descriptor opened once (`--bind-fd`),
+its arguments come through a descriptor (`--args`), and a seccomp filter refuses the syscalls shell
+work never needs. docs/sandbox.md has the whole model.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from rollmill.sandbox.backend import PUT_SCRIPT
 from rollmill.sandbox.capture import RawRun, run_capped
 from rollmill.sandbox.cgroup import Cgroup, cgroups_available, leftover_cgroups
 from rollmill.sandbox.mounts import SandboxFS, mounts_under, remove_tree
+from rollmill.sandbox import seccomp
+from rollmill.sandbox.paths import is_dir, open_held
 from rollmill.sandbox.spec import (ExecResult, SandboxError, SandboxSpec, SandboxStats, Status)
 
 log = logging.getLogger(__name__)
 DEFAULT_ROOT = Path("/var/tmp/rollmill-sandboxes")
 SYSTEM_LINKS = {"/bin": "usr/bin", "/lib": "usr/lib", "/lib64": "usr/lib64", "/sbin": "usr/sbin"}
-MASKED = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers")
+DEFAULT_HOST_UID = 65534  # nobody: the conventional identity that owns no file
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
 
@@ -39,9 +47,11 @@ class _Sandbox:
     spec: SandboxSpec
     fs: SandboxFS
     cgroup: Cgroup | None
+    mounts: list[int] = field(default_factory=list)  # held descriptors of spec.mounts' sources
     created: float = field(default_factory=time.monotonic)
     execs: int = 0
     oom_kills_before: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class BwrapBackend:
@@ -49,17 +59,31 @@ class BwrapBackend:
 
     Without cgroups the memory, pids and cpu limits cannot be enforced: the backend says so once
     and carries on with the namespace isolation alone.
+
+    `allowed_paths`: host directories a spec may name as its workspace or a mount source, with no
+    symlink below them (a server's policy); None trusts every path (a local run). Either way each
+    path is opened once at create and used only through that descriptor.
     """
 
     name = "bwrap"
 
-    def __init__(self, root: str | Path = DEFAULT_ROOT, bwrap: str | None = None, sweep: bool = True):
+    def __init__(self, root: str | Path = DEFAULT_ROOT, bwrap: str | None = None, sweep: bool = True,
+                 host_uid: int = DEFAULT_HOST_UID, allowed_paths: tuple[str, ...] | None = None):
         self.bwrap = bwrap or shutil.which("bwrap")
         if self.bwrap is None:
             raise SandboxError("bubblewrap is not installed (Debian: apt-get install bubblewrap)",
                                Status.INFRA_ERROR)
+        if host_uid == 0:
+            raise SandboxError("host_uid 0 would run sandboxes as the host's root; use an unprivileged uid")
+        self.host_uid = host_uid
+        self.allowed_paths = None if allowed_paths is None else tuple(allowed_paths)
+        self.seccomp_program = seccomp.program() if seccomp.supported() else None
+        if self.seccomp_program is None:
+            log.warning("no seccomp filter for this architecture: sandboxes run without one")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o711)
+        _check_reachable(self.root, host_uid)
         self.use_cgroups = cgroups_available()
         if not self.use_cgroups:
             log.warning("cgroup v1 is not writable here: sandbox memory/pids/cpu limits are NOT enforced")
@@ -77,23 +101,44 @@ class BwrapBackend:
         with self._lock:
             if sandbox_id in self._sandboxes:
                 return sandbox_id
-            if spec.workspace is not None and not Path(spec.workspace).is_dir():
-                raise SandboxError(f"spec.workspace {spec.workspace!r} is not a directory")
-            box = _Sandbox(sandbox_id, spec, SandboxFS(self.root / sandbox_id, spec.workspace,
-                                                        len(spec.scratch_dirs)),
-                           self._cgroup(sandbox_id) if self.use_cgroups else None)
+        workspace, mounts = self._open_sources(spec)
+        box = _Sandbox(sandbox_id, spec, SandboxFS(self.root / sandbox_id, self.host_uid, len(spec.scratch_dirs)),
+                       self._cgroup(sandbox_id) if self.use_cgroups else None, mounts)
+        with self._lock:
+            if sandbox_id in self._sandboxes:  # created meanwhile by another thread
+                _close_all([workspace, *mounts])
+                return sandbox_id
             self._sandboxes[sandbox_id] = box
         try:
             self._owner_file(sandbox_id).write_text(json.dumps({"pid": os.getpid(), "boot": _proc_start(os.getpid())}))
-            box.fs.create(spec.disk_bytes)
+            box.fs.create(spec.disk_bytes, workspace, spec.uid, spec.workdir, spec.network)
             if box.cgroup is not None:
-                box.cgroup.create(spec.memory_bytes, spec.pids, spec.cpus)
+                box.cgroup.create(spec.memory_bytes, spec.pids, spec.cpus, owner=self.host_uid)
         except OSError as e:
             self.destroy(sandbox_id)
             raise SandboxError(f"sandbox {sandbox_id}: create failed: {e}", Status.INFRA_ERROR) from e
+        finally:
+            _close_all([workspace])
         if spec.network == "host":
             log.warning("sandbox %s shares the host network (spec.network='host')", sandbox_id)
         return sandbox_id
+
+    def _open_sources(self, spec: SandboxSpec) -> tuple[int | None, list[int]]:
+        """Descriptors of the workspace and the mount sources, each opened once, here."""
+        held: list[int] = []
+        try:
+            workspace = None
+            if spec.workspace is not None:
+                workspace = open_held(spec.workspace, self.allowed_paths, "spec.workspace")
+                held.append(workspace)
+                if not is_dir(workspace):
+                    raise SandboxError(f"spec.workspace {spec.workspace!r} is not a directory")
+            for m in spec.mounts:
+                held.append(open_held(m.source, self.allowed_paths, "mount source"))
+        except BaseException:
+            _close_all(held)
+            raise
+        return workspace, held[1:] if workspace is not None else held
 
     def destroy(self, sandbox_id: str) -> None:
         _check_id(sandbox_id)
@@ -102,6 +147,11 @@ class BwrapBackend:
         cgroup = box.cgroup if box else (self._cgroup(sandbox_id) if self.use_cgroups else None)
         if cgroup is not None:
             cgroup.remove()
+        if box is not None:
+            with box.lock:
+                _close_all(box.mounts)
+                box.mounts = []
+                box.fs.destroy()
         remove_tree(self.root / sandbox_id)
         self._owner_file(sandbox_id).unlink(missing_ok=True)
 
@@ -110,7 +160,8 @@ class BwrapBackend:
         if box.cgroup is not None:
             box.cgroup.kill_all()
         try:
-            box.fs.reset()
+            with box.lock:
+                box.fs.reset()
         except OSError as e:
             raise SandboxError(f"sandbox {sandbox_id}: reset failed: {e}", Status.INFRA_ERROR) from e
 
@@ -189,47 +240,67 @@ class BwrapBackend:
 
     # -- internals -----------------------------------------------------------------------------
     def _run(self, box: _Sandbox, command, timeout, cwd, env, stdin, max_output) -> RawRun | ExecResult:
-        argv = self.bwrap_argv(box, command, cwd, env)
+        fds: list[int] = []
+        try:
+            with box.lock:
+                handles = box.fs.handles()
+                fds += handles.values()
+                mounts = [os.dup(fd) for fd in box.mounts]
+                fds += mounts
+            seccomp_fd = _memfd("seccomp", self.seccomp_program) if self.seccomp_program else None
+            fds += [seccomp_fd] if seccomp_fd is not None else []
+            options = self.bwrap_options(box, cwd, env, handles, mounts, seccomp_fd)
+            args_fd = _memfd("args", b"".join(a.encode() + b"\0" for a in options))
+            fds.append(args_fd)
+        except ValueError as e:  # e.g. a NUL byte in an argument
+            _close_all(fds)
+            return ExecResult(Status.ERROR, None, message=f"bad command: {e}")
+        argv = [self.bwrap, "--args", str(args_fd), "--", *command]
         if box.cgroup is not None:
             argv = ["/bin/sh", "-c", JOIN_CGROUPS, "join", *box.cgroup.procs_files(), "--", *argv]
         with self._lock:
             box.execs += 1
         box.oom_kills_before = box.cgroup.oom_kills() if box.cgroup is not None else 0
         try:
-            run = run_capped(argv, timeout_s=timeout, max_output_bytes=max_output, stdin=stdin, env={})
-        except ValueError as e:  # e.g. a NUL byte in an argument
+            run = run_capped(argv, timeout_s=timeout, max_output_bytes=max_output, stdin=stdin, env={},
+                             pass_fds=tuple(fds), user=self.host_uid)
+        except ValueError as e:  # e.g. a NUL byte in the command
             return ExecResult(Status.ERROR, None, message=f"bad command: {e}")
         except OSError as e:
             return ExecResult(Status.INFRA_ERROR, None, message=f"could not start bwrap: {e}")
+        finally:
+            _close_all(fds)
         return _setup_failure(run) or run
 
-    def bwrap_argv(self, box: _Sandbox, command: list[str], cwd: str | None, env: dict | None) -> list[str]:
-        """The bwrap command line for one exec (public so users can see exactly what runs)."""
+    def bwrap_options(self, box: _Sandbox, cwd: str | None, env: dict | None, handles: dict[str, int],
+                      mounts: list[int], seccomp_fd: int | None) -> list[str]:
+        """bwrap's options for one exec, given the descriptors it inherits (public so users can
+        see exactly what runs). They reach bwrap through `--args FD`, so neither a host process
+        listing nor `/proc/1/cmdline` inside the sandbox shows them; the command follows `--`."""
         spec = box.spec
-        argv = [self.bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-                "--clearenv", "--ro-bind", "/usr", "/usr"]
+        if any("\0" in a for a in [*(env or {}), *(env or {}).values(), cwd or ""]):
+            raise ValueError("embedded null byte")
+        argv = ["--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+                "--cap-drop", "ALL", "--clearenv", "--hostname", "sandbox", "--uid", str(spec.uid),
+                "--gid", str(spec.uid), "--ro-bind", "/usr", "/usr"]
         if spec.network == "host":
             argv.append("--share-net")
         for link, target in SYSTEM_LINKS.items():
             argv += ["--symlink", target, link]
-        argv += ["--ro-bind", "/etc", "/etc"]
-        for masked in MASKED:
-            if os.path.exists(masked):
-                argv += ["--ro-bind", "/dev/null", masked]
-        argv += ["--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys", "--dev", "/dev",
-                 "--bind", str(box.fs.merged), spec.workdir]
-        for source, target in zip(box.fs.scratch, spec.scratch_dirs):
-            argv += ["--bind", str(source), target]
-        for m in spec.mounts:
-            argv += ["--bind" if m.writable else "--ro-bind", m.source, m.target]
-        if spec.uid != 0:
-            argv += ["--unshare-user", "--uid", str(spec.uid), "--gid", str(spec.uid)]
+        argv += ["--ro-bind-fd", str(handles["etc"]), "/etc",
+                 "--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys", "--dev", "/dev",
+                 "--bind-fd", str(handles["merged"]), spec.workdir]
+        for i, target in enumerate(spec.scratch_dirs):
+            argv += ["--bind-fd", str(handles[f"scratch/{i}"]), target]
+        for m, fd in zip(spec.mounts, mounts):
+            argv += ["--bind-fd" if m.writable else "--ro-bind-fd", str(fd), m.target]
         variables = {"PATH": BASE_PATH, "HOME": spec.workdir, "LANG": "C.UTF-8", **spec.env, **(env or {})}
         for key, value in variables.items():
             argv += ["--setenv", key, value]
+        if seccomp_fd is not None:
+            argv += ["--seccomp", str(seccomp_fd)]
         # the root itself is bwrap's tmpfs: read-only, so writes land only in capped, listed places
-        argv += ["--remount-ro", "/", "--chdir", cwd or spec.workdir, "--", *command]
-        return argv
+        return argv + ["--remount-ro", "/", "--chdir", cwd or spec.workdir]
 
     def _status(self, box: _Sandbox, run: RawRun) -> Status:
         if run.timed_out:
@@ -279,6 +350,37 @@ def _setup_failure(run: RawRun) -> ExecResult | None:
         return None
     stderr = run.stderr.decode(errors="replace")
     return ExecResult(status, run.exit_code, stderr=stderr, message=f"the sandbox could not start the command: {stderr.strip()}")
+
+
+def _check_reachable(root: Path, uid: int) -> None:
+    """bwrap, running as `uid`, checks each descriptor it binds against its path: every directory
+    above the state root must let that uid through."""
+    for directory in [*reversed(root.resolve().parents), root.resolve()]:
+        st = directory.stat()
+        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
+            raise SandboxError(f"sandbox state root {root}: {directory} does not let the sandbox identity "
+                               f"(uid {uid}) pass (chmod o+x {directory}, or choose another root)",
+                               Status.INFRA_ERROR)
+
+
+def _memfd(name: str, data: bytes) -> int:
+    """An anonymous file holding `data`, rewound, for bwrap to read through its descriptor."""
+    fd = os.memfd_create(f"rollmill-{name}", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
 
 
 def _check_id(sandbox_id: str) -> None:

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 
 from rollmill.sandbox.capture import run_capped
@@ -32,9 +33,11 @@ class ProcessBackend:
 
     def __init__(self, root: str | Path | None = None):
         log.warning(WARNING)
-        self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="rollmill-process-sandboxes-"))
         self.root.mkdir(parents=True, exist_ok=True)
+        # a temp root of our own goes with the backend even when nobody calls close()
+        self._remove_root = weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True) \
+            if root is None else None
         self._specs: dict[str, tuple[SandboxSpec, float]] = {}
         self._execs: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -116,8 +119,8 @@ class ProcessBackend:
     def close(self) -> None:
         for sid in self.list():
             self.destroy(sid)
-        if self._own_root:
-            shutil.rmtree(self.root, ignore_errors=True)
+        if self._remove_root is not None:
+            self._remove_root()
 
     def _spec(self, sandbox_id: str) -> SandboxSpec:
         with self._lock:

@@ -7,10 +7,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # config.py imports this package while it is still being defined
-    from rollmill.config import TaskConfig
+from rollmill.config import ConfigError, TaskConfig
 
 
 @dataclass(frozen=True)
@@ -21,8 +19,10 @@ class Example:
     meta: dict = field(default_factory=dict)
 
 
-class DataError(ValueError):
-    """A task file that cannot be used; the message names the file, the row and the field."""
+class DataError(ConfigError):
+    """Task data that cannot be used: a file (the message names the file, the row and the field), or a
+    generator or dataset that cannot give what the config asks. A ConfigError, so the CLI prints the
+    message alone (exit code 2) like any other config problem."""
 
 
 def with_instruction(question: str, instruction: str) -> str:

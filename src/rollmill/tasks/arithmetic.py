@@ -7,12 +7,10 @@ their own RNG and are distinct; train is then drawn (repeats allowed) from every
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Iterator
 
-from rollmill.tasks import Example, with_instruction
-
-if TYPE_CHECKING:  # config.py imports this package while it is still being defined
-    from rollmill.config import TaskConfig
+from rollmill.config import TaskConfig
+from rollmill.tasks import DataError, Example, with_instruction
 
 Generator = Callable[[random.Random], tuple[str, str]]
 
@@ -58,14 +56,40 @@ ARITHMETIC_TASKS: dict[str, Generator] = {
     fn.__name__: fn for fn in (larger_of_two, add_1digit, add_2digit, double, teen_minus_digit, sequence_next)
 }
 
+# Distinct questions each generator can produce, counted from its ranges (tests/test_tasks.py checks
+# them by sampling). The eval split must leave some for train: asking for more would only end when
+# the draw budget runs out, which for a large task.eval_size takes minutes.
+QUESTION_COUNTS: dict[str, int] = {
+    "larger_of_two": 90 * 89,  # ordered pairs of distinct 2-digit numbers
+    "add_1digit": 10 * 10,
+    "add_2digit": 90 * 90,
+    "double": 50,
+    "teen_minus_digit": 9 * 9,
+    "sequence_next": 20 * 9 * 3,  # start x step x length
+}
+
+
+def arithmetic_problems(cfg: TaskConfig) -> Iterator[tuple[str, object, str]]:
+    """(key, value, message) for each reason `cfg` cannot be drawn: an unknown generator name, or an
+    eval split that leaves no question for train. Checked before drawing, so neither spins."""
+    if cfg.name not in ARITHMETIC_TASKS:
+        yield "task.name", cfg.name, f"unknown arithmetic task {cfg.name!r}; allowed: {sorted(ARITHMETIC_TASKS)}"
+        return
+    count = QUESTION_COUNTS[cfg.name]
+    if cfg.eval_size >= count:
+        yield "task.eval_size", cfg.eval_size, (
+            f"arithmetic task {cfg.name!r} has too few distinct questions: it can generate {count}, and "
+            f"task.eval_size={cfg.eval_size} distinct ones held out for eval leave no train questions outside "
+            f"the eval split (task.train_size={cfg.train_size}); set task.eval_size to at most {count - 1}")
+
 
 def _budget(n: int) -> int:
     # Rejection sampling needs a cap: a question space smaller than the request would loop forever.
     return 100 * n + 10_000
 
 
-def _too_small(cfg: TaskConfig, found: int, wanted: str) -> ValueError:
-    return ValueError(
+def _too_small(cfg: TaskConfig, found: int, wanted: str) -> DataError:
+    return DataError(
         f"arithmetic task {cfg.name!r} has too few distinct questions: found only {found} {wanted} "
         f"(task.eval_size={cfg.eval_size} distinct eval questions are held out, then "
         f"task.train_size={cfg.train_size} train questions must come from the rest); lower task.eval_size"
@@ -95,9 +119,10 @@ def _draw_train(gen: Generator, rng: random.Random, cfg: TaskConfig, held_out: s
 
 def load_arithmetic(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
     """(train, eval) from the generator named `cfg.name`."""
-    gen = ARITHMETIC_TASKS.get(cfg.name)
-    if gen is None:
-        raise ValueError(f"unknown arithmetic task {cfg.name!r}; allowed: {sorted(ARITHMETIC_TASKS)}")
+    problem = next(arithmetic_problems(cfg), None)
+    if problem is not None:
+        raise DataError(problem[2])
+    gen = ARITHMETIC_TASKS[cfg.name]
     # String seeds hash deterministically (unlike tuples), and separate streams keep eval fixed
     # when only train_size changes.
     evals = _draw_eval(gen, random.Random(f"{cfg.seed}/eval"), cfg)
