@@ -81,6 +81,7 @@ def main() -> None:
     bare = timed(lambda: subprocess.run(bare_argv, check=True), args.cycles)
 
     root = Path(tempfile.mkdtemp(prefix="rollmill-bench-"))
+    root.chmod(0o711)  # the sandbox identity must pass through to the state root (docs/sandbox.md)
     backend = BwrapBackend(root=root / "sb")
     workspace = root / "ws"
     workspace.mkdir()

@@ -74,17 +74,13 @@ def run_capped(
     kill: Callable[[subprocess.Popen], None] | None = None,
     start_new_session: bool = False,
     pass_fds: tuple[int, ...] = (),
-    user: int | None = None,
 ) -> RawRun:
-    """Run `argv` to its end or until `timeout_s`; then `kill(proc)` (default: SIGKILL it).
-
-    `user` runs it as that uid (and gid of the same number, no supplementary groups)."""
+    """Run `argv` to its end or until `timeout_s`; then `kill(proc)` (default: SIGKILL it)."""
     start = time.monotonic()
-    identity = {} if user is None else {"user": user, "group": user, "extra_groups": []}
     proc = subprocess.Popen(
         argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd,
-        start_new_session=start_new_session, pass_fds=pass_fds, **identity,
+        start_new_session=start_new_session, pass_fds=pass_fds,
     )
     out, err = HeadTail(max_output_bytes), HeadTail(max_output_bytes)
     threads = [threading.Thread(target=_drain, args=(proc.stdout, out), daemon=True),

@@ -26,12 +26,9 @@ class Cgroup:
         self.name = name
         self.dirs = {c: root / c / PARENT / name for c in CONTROLLERS}
 
-    def create(self, memory_bytes: int, pids: int, cpus: float, owner: int | None = None) -> None:
-        """Make the cgroups and set the limits; `owner` (a uid) may then move its own processes in."""
+    def create(self, memory_bytes: int, pids: int, cpus: float) -> None:
         for d in self.dirs.values():
             d.mkdir(parents=True, exist_ok=True)
-            if owner is not None:  # joining is all it may do: the limit files stay root's
-                os.chown(d / "cgroup.procs", owner, owner)
         mem = self.dirs["memory"]
         _write(mem / "memory.limit_in_bytes", memory_bytes)
         if (mem / "memory.memsw.limit_in_bytes").exists():  # no swapping around the limit
