@@ -218,3 +218,30 @@ def test_no_host_path_of_the_sandbox_state_in_mountinfo_or_command_lines(backend
     result = backend.exec(sid, script="cat /proc/self/mountinfo; for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done")
     assert result.ok, result
     assert str(backend.root) not in result.stdout and str(tmp_path) not in result.stdout, result.stdout
+
+
+def test_root_only_host_files_stay_unreadable_through_the_server(tmp_path):
+    import httpx
+
+    from rollmill.sandbox.bwrap import BwrapBackend
+    from rollmill.sandbox.server import ServerThread, make_app
+
+    secrets, own = secret_dir(tmp_path)
+    targets = [*root_only_files(Path("/etc"), limit=3), *own]
+    backend = BwrapBackend(root=tmp_path / "sb")
+    headers = {"Authorization": "Bearer t0ken"}
+    try:
+        with ServerThread(make_app(backend, "t0ken", allowed_paths=(str(secrets),))) as server, \
+                httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
+            spec = {"mounts": [{"source": str(secrets), "target": "/secrets"}]}
+            sid = http.post("/sandboxes", json={"spec": spec}).json()["id"]
+            for target in targets:
+                inside = f"/secrets/{target.name}" if target.parent == secrets else str(target)
+                direct = http.get(f"/sandboxes/{sid}/files", params={"path": inside})
+                link = http.post(f"/sandboxes/{sid}/exec", json={"argv": ["ln", "-sfn", inside, "/workspace/l"]})
+                assert link.json()["exit_code"] == 0
+                followed = http.get(f"/sandboxes/{sid}/files", params={"path": "/workspace/l"})
+                for response in (direct, followed):
+                    assert response.status_code == 400 and b"SECRET" not in response.content, (target, response.text)
+    finally:
+        backend.close()

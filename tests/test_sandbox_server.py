@@ -186,7 +186,7 @@ def test_remote_maps_errors(remote, box):
 
 
 def test_server_failures_are_infra_errors():
-    with ServerThread(make_app(_Stub(), None)) as thread:
+    with ServerThread(make_app(_Stub(), None, allow_no_token=True)) as thread:
         url = thread.url
         failing = RemoteBackend(url, timeout_s=5.0)
         assert failing.sweep() == 3

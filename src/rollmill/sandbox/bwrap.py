@@ -30,7 +30,7 @@ from rollmill.sandbox.capture import RawRun, run_capped
 from rollmill.sandbox.cgroup import Cgroup, cgroups_available, leftover_cgroups
 from rollmill.sandbox.mounts import SandboxFS, mounts_under, remove_tree
 from rollmill.sandbox import seccomp
-from rollmill.sandbox.paths import is_dir, open_held
+from rollmill.sandbox.paths import check_passable, close_all, is_dir, memfd, open_held
 from rollmill.sandbox.spec import (ExecResult, SandboxError, SandboxSpec, SandboxStats, Status)
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class BwrapBackend:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)
-        _check_reachable(self.root, host_uid)
+        check_passable(self.root, host_uid)
         self.use_cgroups = cgroups_available()
         if not self.use_cgroups:
             log.warning("cgroup v1 is not writable here: sandbox memory/pids/cpu limits are NOT enforced")
@@ -111,7 +111,7 @@ class BwrapBackend:
                        self._cgroup(sandbox_id) if self.use_cgroups else None, mounts)
         with self._lock:
             if sandbox_id in self._sandboxes:  # created meanwhile by another thread
-                _close_all([workspace, *mounts])
+                close_all([workspace, *mounts])
                 return sandbox_id
             self._sandboxes[sandbox_id] = box
         try:
@@ -123,7 +123,7 @@ class BwrapBackend:
             self.destroy(sandbox_id)
             raise SandboxError(f"sandbox {sandbox_id}: create failed: {e}", Status.INFRA_ERROR) from e
         finally:
-            _close_all([workspace])
+            close_all([workspace])
         if spec.network == "host":
             log.warning("sandbox %s shares the host network (spec.network='host')", sandbox_id)
         return sandbox_id
@@ -141,7 +141,7 @@ class BwrapBackend:
             for m in spec.mounts:
                 held.append(open_held(m.source, self.allowed_paths, "mount source"))
         except BaseException:
-            _close_all(held)
+            close_all(held)
             raise
         return workspace, held[1:] if workspace is not None else held
 
@@ -154,7 +154,7 @@ class BwrapBackend:
             cgroup.remove()
         if box is not None:
             with box.lock:
-                _close_all(box.mounts)
+                close_all(box.mounts)
                 box.mounts = []
                 box.fs.destroy()
         remove_tree(self.root / sandbox_id)
@@ -252,13 +252,13 @@ class BwrapBackend:
                 fds += handles.values()
                 mounts = [os.dup(fd) for fd in box.mounts]
                 fds += mounts
-            seccomp_fd = _memfd("seccomp", self.seccomp_program) if self.seccomp_program else None
+            seccomp_fd = memfd("seccomp", self.seccomp_program) if self.seccomp_program else None
             fds += [seccomp_fd] if seccomp_fd is not None else []
             options = self.bwrap_options(box, cwd, env, handles, mounts, seccomp_fd)
-            args_fd = _memfd("args", b"".join(a.encode() + b"\0" for a in options))
+            args_fd = memfd("args", b"".join(a.encode() + b"\0" for a in options))
             fds.append(args_fd)
         except ValueError as e:  # e.g. a NUL byte in an argument
-            _close_all(fds)
+            close_all(fds)
             return ExecResult(Status.ERROR, None, message=f"bad command: {e}")
         argv = [self.setpriv, f"--reuid={self.host_uid}", f"--regid={self.host_uid}", "--clear-groups",
                 self.bwrap, "--args", str(args_fd), "--", *command]
@@ -275,7 +275,7 @@ class BwrapBackend:
         except OSError as e:
             return ExecResult(Status.INFRA_ERROR, None, message=f"could not start bwrap: {e}")
         finally:
-            _close_all(fds)
+            close_all(fds)
         return _setup_failure(run) or run
 
     def bwrap_options(self, box: _Sandbox, cwd: str | None, env: dict | None, handles: dict[str, int],
@@ -356,37 +356,6 @@ def _setup_failure(run: RawRun) -> ExecResult | None:
         return None
     stderr = run.stderr.decode(errors="replace")
     return ExecResult(status, run.exit_code, stderr=stderr, message=f"the sandbox could not start the command: {stderr.strip()}")
-
-
-def _check_reachable(root: Path, uid: int) -> None:
-    """bwrap, running as `uid`, checks each descriptor it binds against its path: every directory
-    above the state root must let that uid through."""
-    for directory in [*reversed(root.resolve().parents), root.resolve()]:
-        st = directory.stat()
-        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
-            raise SandboxError(f"sandbox state root {root}: {directory} does not let the sandbox identity "
-                               f"(uid {uid}) pass (chmod o+x {directory}, or choose another root)",
-                               Status.INFRA_ERROR)
-
-
-def _memfd(name: str, data: bytes) -> int:
-    """An anonymous file holding `data`, rewound, for bwrap to read through its descriptor."""
-    fd = os.memfd_create(f"rollmill-{name}", os.MFD_CLOEXEC)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.lseek(fd, 0, os.SEEK_SET)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _close_all(fds) -> None:
-    for fd in fds:
-        if fd is not None:
-            os.close(fd)
 
 
 def _check_id(sandbox_id: str) -> None:

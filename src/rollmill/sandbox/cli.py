@@ -35,6 +35,30 @@ def add_sandbox_parser(sub) -> None:
     serve.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                        help="host directory clients may use as a workspace or mount source (repeatable)")
     serve.add_argument("--allow-host-network", action="store_true", help="let clients ask for network: host")
+    serve.add_argument("--insecure-no-token", action="store_true",
+                       help="serve WITHOUT a token (loopback hosts only): anyone who reaches the port runs commands")
+    _add_ceiling_flags(serve)
+
+
+def _add_ceiling_flags(serve) -> None:
+    """The operator's ceilings (rollmill.sandbox.limits.Limits, whose field each `dest` is): a
+    request over one gets a 400 naming it, never a clamp; the caps on counts get a 429."""
+    size, count = {"type": parse_size, "metavar": "SIZE"}, {"type": int, "metavar": "N"}
+    seconds = {"type": float, "metavar": "S"}
+    for flag, dest, kind, what in [
+        ("--max-request", "max_request_bytes", size, "request body (JSON, exec stdin in base64) [16M]"),
+        ("--max-file", "max_file_bytes", size, "file upload or download, and spec.max_file_bytes [64M]"),
+        ("--max-exec-timeout", "max_exec_timeout_s", seconds, "exec timeout_s and spec.exec_timeout_s [600]"),
+        ("--max-output", "max_output_bytes", size, "exec and spec max_output_bytes [16M]"),
+        ("--max-ttl", "max_ttl_s", seconds, "spec.ttl_s, the idle time before a sandbox is reaped [86400]"),
+        ("--max-memory", "max_memory_bytes", size, "spec.memory_bytes [the host's RAM]"),
+        ("--max-disk", "max_disk_bytes", size, "spec.disk_bytes [the host's RAM]"),
+        ("--max-pids", "max_pids", count, "spec.pids [4096]"),
+        ("--max-cpus", "max_cpus", {"type": float, "metavar": "N"}, "spec.cpus [the host's cpus]"),
+        ("--max-sandboxes", "max_sandboxes", count, "live sandboxes [256]"),
+        ("--max-concurrent-execs", "max_concurrent_execs", count, "commands running at once (exec, put, get) [64]"),
+    ]:
+        serve.add_argument(flag, dest=dest, help=f"ceiling on {what}", **kind)
 
 
 def sandbox_main(args) -> int:

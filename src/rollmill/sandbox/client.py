@@ -1,8 +1,9 @@
 """`RemoteBackend`: the sandboxes of a `rollmill sandbox serve` server, behind the local interface.
 
 A rollout worker uses it exactly like a local backend: the same calls, the same `ExecResult`s and
-the same `SandboxError`s. A wrong request (unknown sandbox, bad spec) raises with status ERROR and
-the server's reason; an unreachable, failing or too slow server raises with INFRA_ERROR.
+the same `SandboxError`s. A wrong request (unknown or expired sandbox, bad spec, over a ceiling of
+the server) raises with status ERROR and the server's reason; an unreachable, failing, too slow or
+busy server (429: at its cap on sandboxes or running commands) raises with INFRA_ERROR.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ class RemoteBackend:
         if response.is_success:
             return response
         reason = _reason(response)
-        if response.status_code >= 500:
+        # 429: the server is at a cap (sandboxes, running commands); like a 5xx, worth retrying later
+        if response.status_code >= 500 or response.status_code == 429:
             raise SandboxError(f"{where}: {response.status_code} {reason}", Status.INFRA_ERROR)
         raise SandboxError(reason, Status.ERROR)
 

@@ -1,4 +1,5 @@
-"""Host paths a sandbox is given (its workspace, mount sources), resolved once and held open.
+"""Host paths a sandbox is given (its workspace, mount sources), resolved once and held open, and
+the descriptors bwrap inherits.
 
 A path is checked and then used later only by its handle: the directory is walked one component at
 a time with O_NOFOLLOW from an allowed root, so a symlink anywhere below that root is refused, and
@@ -13,7 +14,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from rollmill.sandbox.spec import SandboxError
+from rollmill.sandbox.spec import SandboxError, Status
 
 PAGE = 4096
 
@@ -119,3 +120,34 @@ def _own(target: Path, st: os.stat_result, owner: int) -> None:
     if not stat.S_ISLNK(st.st_mode):
         os.chmod(target, st.st_mode & 0o1777)
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def check_passable(root: Path, uid: int) -> None:
+    """bwrap, running as `uid`, checks each descriptor it binds against its path: every directory
+    above the state root must let that uid through."""
+    for directory in [*reversed(root.resolve().parents), root.resolve()]:
+        st = directory.stat()
+        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
+            raise SandboxError(f"sandbox state root {root}: {directory} does not let the sandbox identity "
+                               f"(uid {uid}) pass (chmod o+x {directory}, or choose another root)",
+                               Status.INFRA_ERROR)
+
+
+def memfd(name: str, data: bytes) -> int:
+    """An anonymous file holding `data`, rewound, for bwrap to read through its descriptor."""
+    fd = os.memfd_create(f"rollmill-{name}", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def close_all(fds) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)

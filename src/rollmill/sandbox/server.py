@@ -2,14 +2,20 @@
 
 `make_app` maps each backend operation to one JSON endpoint (files travel as raw bytes), and
 `RemoteBackend` (rollmill.sandbox.client) is the matching client. A bearer token guards every
-endpoint but /health. Anyone holding the token runs commands on this host, and a spec's
-`workspace` and `mounts` name host paths, so treat the token as host access.
+endpoint but /health; serving without one takes an explicit `--insecure-no-token`. Anyone holding
+the token runs commands on this host, and a spec's `workspace` and `mounts` name host paths, so
+treat the token as host access.
+
+Abuse is refused, not suffered: operator ceilings (rollmill.sandbox.limits: 413, 400 naming the
+field), caps on sandboxes and running commands (429), idle TTLs (rollmill.sandbox.tracker: 404
+"expired"), a /health that needs no thread, and a SIGTERM that kills every command first.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import hmac
 import ipaddress
 import logging
@@ -18,24 +24,29 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict
-from typing import Annotated
+from contextlib import asynccontextmanager
+from dataclasses import asdict, fields
+from typing import Annotated, Callable
 
+import anyio
 import uvicorn
-from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rollmill.sandbox import make_backend
 from rollmill.sandbox.backend import SandboxBackend
-from rollmill.sandbox.spec import MiB, SandboxError, SandboxSpec, Status
+from rollmill.sandbox.limits import BodyLimit, Limits, Refused
+from rollmill.sandbox.spec import SandboxError, SandboxSpec, Status
+from rollmill.sandbox.tracker import SandboxTracker, kill_child_processes
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "ROLLMILL_SANDBOX_TOKEN"
-DEFAULT_MAX_UPLOAD_BYTES = 64 * MiB
+# how long uvicorn waits for requests in flight once every command is dead
+SHUTDOWN_GRACE_S = 2
 # the same ids BwrapBackend accepts; checked here too because other backends build paths from them
 ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
 SandboxId = Annotated[str, PathParam(pattern=ID_PATTERN)]
@@ -77,24 +88,43 @@ class ExecRequest(BaseModel):
         return None if self.stdin_b64 is None else base64.b64decode(self.stdin_b64)
 
 
-def make_app(backend: SandboxBackend, token: str | None,
-             max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, allowed_paths: tuple[str, ...] = (),
-             allow_host_network: bool = False) -> FastAPI:
-    """The HTTP API over `backend`; every endpoint but /health needs `Bearer <token>` when set.
+def make_app(backend: SandboxBackend, token: str | None, *, limits: Limits | None = None,
+             allowed_paths: tuple[str, ...] = (), allow_host_network: bool = False,
+             allow_no_token: bool = False, reap_interval_s: float = 1.0) -> FastAPI:
+    """The HTTP API over `backend`; every endpoint but /health needs `Bearer <token>`.
 
-    Uploads are capped at the sandbox's `max_file_bytes` (for sandboxes created through this app)
-    and at `max_upload_bytes` in any case. A client names host paths (`workspace`, mount sources):
-    only those under `allowed_paths` are accepted, and `network: host` only when allowed, so a
-    token holder cannot mount the host's root or reach the network.
+    Without a token it refuses to build unless `allow_no_token`. `limits` are the operator's
+    ceilings (default `Limits()`); uploads are also capped at the sandbox's `max_file_bytes`.
+    Sandboxes created through the app are reaped after `ttl_s` idle (checked every
+    `reap_interval_s`) and destroyed when the app shuts down. A client names host paths
+    (`workspace`, mount sources): only those under `allowed_paths` are accepted, and
+    `network: host` only when allowed, so a token holder cannot mount the host's root or reach
+    the network.
     """
-    app = FastAPI(title="rollmill sandbox server")
+    if not token and not allow_no_token:
+        raise ValueError("a sandbox server needs a token; pass allow_no_token=True to serve without one")
+    limits = limits or Limits()
+    tracker = SandboxTracker(backend, limits.max_sandboxes, limits.max_concurrent_execs, reap_interval_s)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        tracker.start()
+        try:
+            yield
+        finally:
+            await _in_own_thread(tracker.close)
+
+    app = FastAPI(title="rollmill sandbox server", lifespan=lifespan)
+    app.state.tracker = tracker
+    # innermost middleware: its 413, raised where a route reads the body, reaches the app's
+    # handlers unwrapped (through a BaseHTTPMiddleware it would arrive as an ExceptionGroup)
+    app.add_middleware(BodyLimit, limits=limits)
     _add_error_handling(app)
-    if token is not None:
+    if token:
         _add_auth(app, token)
-    upload_caps: dict[str, int] = {}
-    _add_lifecycle_routes(app, backend, upload_caps, max_upload_bytes,
+    _add_lifecycle_routes(app, backend, tracker, limits,
                           lambda spec: check_spec_policy(spec, allowed_paths, allow_host_network))
-    _add_command_routes(app, backend, upload_caps, max_upload_bytes)
+    _add_command_routes(app, backend, tracker, limits)
     return app
 
 
@@ -112,9 +142,11 @@ def check_spec_policy(spec: SandboxSpec, allowed_paths: tuple[str, ...], allow_h
             raise SandboxError(f"host path {path!r} is outside the server's allowed paths {list(allowed_paths)}")
 
 
-def _error(code: int, message: str, status: Status = Status.ERROR, **extra) -> JSONResponse:
-    return JSONResponse({"detail": message, "status": status.value, **extra}, status_code=code,
-                        headers={"WWW-Authenticate": "Bearer"} if code == 401 else None)
+def _error(code: int, message: str, status: Status = Status.ERROR, headers: dict | None = None,
+           **extra) -> JSONResponse:
+    if code == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    return JSONResponse({"detail": message, "status": status.value, **extra}, status_code=code, headers=headers)
 
 
 def _add_error_handling(app: FastAPI) -> None:
@@ -123,6 +155,13 @@ def _add_error_handling(app: FastAPI) -> None:
         if exc.status is Status.INFRA_ERROR:
             return _error(503, str(exc), exc.status)
         return _error(404 if "unknown sandbox" in str(exc) else 400, str(exc))
+
+    # refusals (Refused) and FastAPI's own (404, 405) in the same shape; a busy or closing
+    # server (429, 503) is the client's infra problem, not a wrong request
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = Status.INFRA_ERROR if exc.status_code in (429, 503) else Status.ERROR
+        return _error(exc.status_code, str(exc.detail), status, exc.headers, **getattr(exc, "extra", {}))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -156,19 +195,20 @@ def _add_auth(app: FastAPI, token: str) -> None:
         return await call_next(request)
 
 
-# Plain `def` endpoints: FastAPI runs them in its threadpool, so a long exec never blocks the others.
-def _add_lifecycle_routes(app: FastAPI, backend: SandboxBackend, upload_caps: dict[str, int],
-                          max_upload_bytes: int, policy) -> None:
+# Plain `def` endpoints run in FastAPI's threadpool; commands (exec, put, get) are async and wait
+# in the tracker's own threads, so a full exec cap never starves the other endpoints.
+def _add_lifecycle_routes(app: FastAPI, backend: SandboxBackend, tracker: SandboxTracker, limits: Limits,
+                          policy: Callable[[SandboxSpec], None]) -> None:
+    # async and backend-free: answered at once even when every thread is busy
     @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "backend": backend.name, "sandboxes": len(backend.list())}
+    async def health() -> dict:
+        return {"status": "ok", "backend": backend.name, **tracker.load()}
 
     @app.post("/sandboxes", status_code=201)
     def create(body: CreateRequest) -> dict:
         policy(body.spec)
-        sandbox_id = backend.create(body.spec, body.id)
-        upload_caps.setdefault(sandbox_id, min(body.spec.max_file_bytes, max_upload_bytes))
-        return {"id": sandbox_id}
+        limits.check_spec(body.spec)
+        return {"id": tracker.create(body.spec, body.id)}
 
     @app.get("/sandboxes")
     def list_sandboxes() -> dict:
@@ -177,47 +217,51 @@ def _add_lifecycle_routes(app: FastAPI, backend: SandboxBackend, upload_caps: di
     @app.delete("/sandboxes/{sandbox_id}", status_code=204)
     def destroy(sandbox_id: SandboxId) -> Response:
         backend.destroy(sandbox_id)
-        upload_caps.pop(sandbox_id, None)
+        tracker.forget(sandbox_id)
         return Response(status_code=204)
 
     @app.post("/sandboxes/{sandbox_id}/reset", status_code=204)
     def reset(sandbox_id: SandboxId) -> Response:
-        backend.reset(sandbox_id)
+        with tracker.use(sandbox_id):
+            backend.reset(sandbox_id)
         return Response(status_code=204)
 
     @app.get("/sandboxes/{sandbox_id}/stats")
     def stats(sandbox_id: SandboxId) -> dict:
-        return asdict(backend.stats(sandbox_id))
+        with tracker.use(sandbox_id):
+            return asdict(backend.stats(sandbox_id))
 
     @app.post("/sweep")
     def sweep() -> dict:
         return {"removed": backend.sweep()}
 
 
-def _add_command_routes(app: FastAPI, backend: SandboxBackend, upload_caps: dict[str, int],
-                        max_upload_bytes: int) -> None:
+def _add_command_routes(app: FastAPI, backend: SandboxBackend, tracker: SandboxTracker, limits: Limits) -> None:
     @app.post("/sandboxes/{sandbox_id}/exec")
-    def exec_command(sandbox_id: SandboxId, body: ExecRequest) -> dict:
-        result = backend.exec(sandbox_id, body.argv, script=body.script, timeout_s=body.timeout_s,
-                              cwd=body.cwd, env=body.env, stdin=body.stdin,
-                              max_output_bytes=body.max_output_bytes)
-        return result.to_dict()
+    async def exec_command(sandbox_id: SandboxId, body: ExecRequest) -> dict:
+        limits.check_exec(body.timeout_s, body.max_output_bytes)
+        call = functools.partial(backend.exec, sandbox_id, body.argv, script=body.script, timeout_s=body.timeout_s,
+                                 cwd=body.cwd, env=body.env, stdin=body.stdin,
+                                 max_output_bytes=body.max_output_bytes)
+        return (await tracker.run_command(sandbox_id, call)).to_dict()
 
     @app.get("/sandboxes/{sandbox_id}/files")
-    def get_file(sandbox_id: SandboxId, path: FilePath) -> Response:
-        return Response(backend.get(sandbox_id, path), media_type="application/octet-stream")
+    async def get_file(sandbox_id: SandboxId, path: FilePath) -> Response:
+        data = await tracker.run_command(sandbox_id, functools.partial(backend.get, sandbox_id, path))
+        return Response(data, media_type="application/octet-stream")
 
-    # async to stream the body against its cap; the backend call still goes to the threadpool
     @app.put("/sandboxes/{sandbox_id}/files", status_code=204)
     async def put_file(sandbox_id: SandboxId, path: FilePath, request: Request) -> Response:
-        data = await _read_capped(request, upload_caps.get(sandbox_id, max_upload_bytes))
-        await run_in_threadpool(backend.put, sandbox_id, path, data)
+        spec = tracker.spec(sandbox_id)
+        cap = (limits.max_file_bytes, "--max-file") if spec is None else (spec.max_file_bytes, "spec.max_file_bytes")
+        data = await _read_capped(request, *cap)
+        await tracker.run_command(sandbox_id, functools.partial(backend.put, sandbox_id, path, data))
         return Response(status_code=204)
 
 
-async def _read_capped(request: Request, cap: int) -> bytes:
-    """The request body, or 413 as soon as it is known to be over `cap` bytes."""
-    too_large = HTTPException(413, f"the upload is over the {cap}-byte limit")
+async def _read_capped(request: Request, cap: int, source: str) -> bytes:
+    """The request body, or 413 as soon as it is known to be over `cap` bytes (set by `source`)."""
+    too_large = Refused(413, f"the upload is over the {cap}-byte limit ({source})")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
         raise too_large
@@ -229,8 +273,27 @@ async def _read_capped(request: Request, cap: int) -> bytes:
     return bytes(data)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn that runs `before_shutdown` (killing every command) before its graceful wait: that
+    wait lasts until each request in flight is answered, which an exec would hold up to its timeout."""
+
+    def __init__(self, config: uvicorn.Config, before_shutdown: Callable[[], None]):
+        super().__init__(config)
+        self.before_shutdown = before_shutdown
+
+    async def shutdown(self, sockets=None) -> None:
+        await _in_own_thread(self.before_shutdown)
+        await super().shutdown(sockets)
+
+
+async def _in_own_thread(call: Callable[[], None]) -> None:
+    # not FastAPI's threadpool: shutdown must not wait for a free thread there
+    await anyio.to_thread.run_sync(call, limiter=anyio.CapacityLimiter(1))
+
+
 class ServerThread:
-    """uvicorn serving `app` in a daemon thread; a context manager (tests, embedding in a process).
+    """uvicorn serving `app` (from make_app) in a daemon thread; a context manager (tests,
+    embedding in a process). Stopping it destroys the sandboxes created through it.
 
     Port 0 picks a free port; `url` has the real one once started.
     """
@@ -238,8 +301,9 @@ class ServerThread:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 10.0):
         self.host = host
         self.start_timeout_s = start_timeout_s
-        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                     access_log=False, timeout_graceful_shutdown=5))
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        self._server = _Server(config, app.state.tracker.close)
         self._thread = threading.Thread(target=self._server.run, name="rollmill-sandbox-server", daemon=True)
         self.url: str | None = None
 
@@ -272,35 +336,57 @@ class ServerThread:
         self.stop()
 
 
-def serve(backend: SandboxBackend, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-          allowed_paths: tuple[str, ...] = (), allow_host_network: bool = False) -> None:
-    """Serve `backend` with uvicorn until interrupted (blocking)."""
-    log.info("serving %s sandboxes on %s:%d (%s; host paths allowed: %s)", backend.name, host, port,
-             "token required" if token else "NO token", list(allowed_paths) or "none")
-    app = make_app(backend, token, allowed_paths=allowed_paths, allow_host_network=allow_host_network)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run()
+def serve(backend: SandboxBackend, host: str = "127.0.0.1", port: int = 8765, token: str | None = None, *,
+          limits: Limits | None = None, allowed_paths: tuple[str, ...] = (), allow_host_network: bool = False,
+          allow_no_token: bool = False) -> None:
+    """Serve `backend` with uvicorn until SIGINT or SIGTERM (blocking).
+
+    On the signal every sandbox is destroyed and every child process killed before uvicorn waits
+    for the requests in flight, so the process exits within seconds.
+    """
+    if not token and allow_no_token:
+        log.warning("serving WITHOUT a token (--insecure-no-token): anyone who reaches %s:%d runs commands "
+                    "on this host", host, port)
+    log.info("serving %s sandboxes on %s:%d (host paths allowed: %s)", backend.name, host, port,
+             list(allowed_paths) or "none")
+    app = make_app(backend, token, limits=limits, allowed_paths=allowed_paths,
+                   allow_host_network=allow_host_network, allow_no_token=allow_no_token)
+
+    def kill_everything() -> None:
+        app.state.tracker.close()
+        kill_child_processes()
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    _Server(config, kill_everything).run()
 
 
 def serve_main(args: argparse.Namespace) -> int:
     """Run `rollmill sandbox serve`; return the exit code."""
     try:
         token = _read_token(args.token_file)
+        limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)
+                           if getattr(args, f.name, None) is not None})
     except (OSError, ValueError) as err:
         print(f"rollmill sandbox serve: {err}", file=sys.stderr)
         return 2
-    if token is None and not _is_loopback(args.host):
-        print(f"rollmill sandbox serve: refusing to serve on {args.host!r} without a token "
-              f"(use --token-file or ${TOKEN_ENV}, or bind 127.0.0.1)", file=sys.stderr)
+    if token is None and not (args.insecure_no_token and _is_loopback(args.host)):
+        why = "--insecure-no-token is for loopback hosts only" if args.insecure_no_token else \
+            "use --token-file or $" + TOKEN_ENV + ", or --insecure-no-token on a loopback host"
+        print(f"rollmill sandbox serve: refusing to serve on {args.host!r} without a token ({why})", file=sys.stderr)
         return 2
     try:
-        backend = make_backend(args.backend, **({"root": args.root} if args.root else {}))
+        options = {"root": args.root} if args.root else {}
+        if args.backend == "bwrap":  # it holds each host path open from an allowed root, symlinks refused
+            options["allowed_paths"] = tuple(args.allow_path)
+        backend = make_backend(args.backend, **options)
     except SandboxError as err:
         print(f"rollmill sandbox serve: {err}", file=sys.stderr)
         return 1
     # uvicorn re-raises the signal that stopped it; as an exception it lets the sandboxes be destroyed
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        serve(backend, args.host, args.port, token, tuple(args.allow_path), args.allow_host_network)
+        serve(backend, args.host, args.port, token, limits=limits, allowed_paths=tuple(args.allow_path),
+              allow_host_network=args.allow_host_network, allow_no_token=args.insecure_no_token)
     except KeyboardInterrupt:
         pass
     finally:
