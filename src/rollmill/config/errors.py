@@ -18,6 +18,9 @@ def format_validation_error(err: ValidationError, root: type[BaseModel]) -> str:
             section = section_model(root, e["loc"][:-1])
             allowed = sorted(f.alias or name for name, f in section.model_fields.items()) if section else []
             lines.append(f"unknown key {key!r}; allowed keys here: {allowed}")
+        elif isinstance(e.get("input"), dict):  # a check across a section's keys: no need to echo the section
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(msg if not key or msg.startswith(key) else f"{key}: {msg}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{key or '<root>'} = {e.get('input')!r}: {msg}")
