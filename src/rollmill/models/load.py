@@ -90,6 +90,15 @@ def load_hf_dir(path: str | Path, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def base_model_reference(cfg: ModelConfig) -> str:
+    """How a LoRA checkpoint's adapter_config.json names its base (`base_model_name_or_path`): the model
+    folder's absolute path, which transformers and peft open from any working directory; `tiny`, whose
+    weights are built in code and on no disk, is named as it is configured."""
+    if cfg.source == "hf_dir":
+        return str(Path(cfg.path).resolve())
+    return str(smollm2_dir()) if cfg.source == "smollm2" else cfg.source
+
+
 def load_tokenizer(cfg: ModelConfig):
     """The configured model's tokenizer alone (converting SmolLM2 once if needed, as `load_model` would)."""
     if cfg.source == "tiny":
@@ -121,4 +130,5 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
     return model, tokenizer
 
 
-__all__ = ["ModelLoadError", "load_model", "load_hf_dir", "load_tokenizer", "smollm2_dir", "cache_dir"]
+__all__ = ["ModelLoadError", "base_model_reference", "load_model", "load_hf_dir", "load_tokenizer", "smollm2_dir",
+           "cache_dir"]

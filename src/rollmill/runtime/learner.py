@@ -22,13 +22,15 @@ from rollmill.algos import CRITIC_ADVANTAGES
 from rollmill.config import RunConfig
 from rollmill.models import load_model
 from rollmill.models.device import role_device
+from rollmill.models.load import base_model_reference
 from rollmill.models.lora import (ADAPTER_CONFIG, adapter_config_json, adapter_file_state, adapter_model_state,
                                   add_adapters, lora_scalings, merged_weights)
 from rollmill.pipelines import PIPELINES
 from rollmill.pipelines.common import seed_everything
 from rollmill.train import PolicyTrainer
-from rollmill.train.checkpoint import (ADAPTER_FILE, MODEL_FILE, gather_optimizer, gather_weights, read_checkpoint,
-                                       restore_optimizer, restore_weights, tied_names, write_checkpoint)
+from rollmill.train.checkpoint import (ADAPTER_FILE, MODEL_FILE, folder_files, gather_optimizer, gather_weights,
+                                       read_checkpoint, read_model_file, restore_optimizer, restore_weights,
+                                       tied_names, write_checkpoint)
 from rollmill.train.parallel import DataParallel, shard_model
 from rollmill.train.advantages import AdvantageComputer
 from rollmill.train.consistency import check_logprob_gap
@@ -114,6 +116,8 @@ class Learner:
         self.model.to(self.device)
         self.pad_id = tokenizer.pad_token_id
         self.tied = tied_names(self.model)
+        # config and tokenizer files, so each checkpoint folder is one transformers opens (checkpoint.py)
+        self.folder_files = folder_files(self.model, tokenizer, with_config=not cfg.model.lora.rank)
         self.adapters = add_adapters(self.model, cfg.model.lora) if cfg.model.lora.rank else None
         self.scalings = lora_scalings(self.model) if self.adapters is not None else {}
         # hf engines take the adapted layers alone (the rest of their base never changes); vLLM is sent everything
@@ -257,10 +261,10 @@ class Learner:
             critic_optimizer = gather_optimizer(self.critic.model, self.critic.optimizer)
         if not self.is_writer:
             return None
-        files = dict(files)
+        files = {**self.folder_files, **files}
         if self.adapters is not None:
             tensors = {ADAPTER_FILE: adapter_file_state(weights)}
-            files[ADAPTER_CONFIG] = adapter_config_json(self.adapters, self.cfg.model.path or self.cfg.model.source)
+            files[ADAPTER_CONFIG] = adapter_config_json(self.adapters, base_model_reference(self.cfg.model))
         else:
             tensors = {MODEL_FILE: {k: v for k, v in weights.items() if k not in self.tied}}
         if self.critic is not None:
@@ -277,7 +281,7 @@ class Learner:
             restore_weights(self.model, adapter_model_state(load_file(str(path / ADAPTER_FILE))),
                             {k for k in own if ".lora_" in k}, str(path))
         else:
-            restore_weights(self.model, load_file(str(path / MODEL_FILE)), own - self.tied, str(path))
+            restore_weights(self.model, read_model_file(path, self.tied), own - self.tied.keys(), str(path))
         blob, state = read_checkpoint(path)
         restore_optimizer(self.model, self.trainer.optimizer, blob["optimizer"])
         self.trainer.scheduler.load_state_dict(blob["scheduler"])

@@ -6,13 +6,21 @@ stored whole and named by parameter (torch.distributed's full state dicts), whet
 or N FSDP2 ranks trained them, so a run may resume on a different number of ranks. With LoRA the
 policy file is the adapter alone (`adapter_model.safetensors` + `adapter_config.json`, the layout
 `peft` loads); the base is the configured model, unchanged.
+
+A checkpoint folder is also a transformers model folder: the weights under transformers' names (tied
+weights stored once, under the name `save_pretrained` keeps), config.json, generation_config.json and
+the tokenizer's files, so `AutoModelForCausalLM.from_pretrained(checkpoint)` and
+`AutoTokenizer.from_pretrained(checkpoint)` open it. A LoRA checkpoint has the tokenizer's files but no
+config.json: transformers then reads the base named in adapter_config.json (docs/architecture.md).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +28,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 PREFIX = "step_"
 MODEL_FILE = "model.safetensors"
@@ -38,14 +47,43 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def tied_names(model: torch.nn.Module) -> set[str]:
-    """State-dict names that are another name's tensor (tied input/output embeddings): stored once, under
-    the alphabetically first name (as safetensors' `save_model` does, so either reads the other's files).
-    Call it on the unsharded model: FSDP2's gathered state no longer shares storage."""
-    groups: dict[tuple, list[str]] = {}
-    for name, t in model.state_dict().items():
-        groups.setdefault((t.data_ptr(), t.shape), []).append(name)
-    return {name for names in groups.values() for name in sorted(names)[1:]}
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """State-dict names that are another name's tensor (tied input/output embeddings), each mapped to the
+    name stored for both: checkpoints store such a tensor once, under the name `save_pretrained` keeps
+    (`model.embed_tokens.weight`, not `lm_head.weight`), because that is the one `from_pretrained` reads
+    and ties the others to. Call it on the unsharded model: FSDP2's gathered state no longer shares storage."""
+    state = model.state_dict()
+    kept = remove_tied_weights_from_state_dict(dict(state), model)  # what save_pretrained would write
+    stored = {(t.data_ptr(), t.shape): name for name, t in state.items() if name in kept}
+    return {name: stored[(t.data_ptr(), t.shape)] for name, t in state.items() if name not in kept}
+
+
+def read_model_file(path: Path, tied: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The weights in checkpoint `path`'s model.safetensors, each tied weight under the name `tied` maps it
+    to (checkpoints from before they followed `save_pretrained` stored a tied tensor under the other name)."""
+    state = load_file(str(path / MODEL_FILE))
+    for name, stored in tied.items():
+        if stored not in state and name in state:
+            state[stored] = state.pop(name)
+    return state
+
+
+def folder_files(model, tokenizer, with_config: bool = True) -> dict[str, bytes]:
+    """The files besides the weights that make a checkpoint folder a transformers model folder, by name:
+    the tokenizer's, and with `with_config` config.json and generation_config.json (as `save_pretrained`
+    writes them, the dtype being the model's). A LoRA checkpoint goes without the config: transformers takes
+    a folder with config.json and adapter_config.json for a whole model with an adapter and would look for
+    the base's weights in it, where without one it loads the base that adapter_config.json names."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if with_config:
+            config = copy.deepcopy(model.config)
+            config.dtype = str(model.dtype).removeprefix("torch.")
+            config.architectures = [type(model).__name__]
+            config.save_pretrained(tmp)
+            if model.can_generate():
+                model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir())}
 
 
 def gather_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -87,7 +125,8 @@ def write_checkpoint(ckpt_root: Path, step: int, tensors: dict[str, dict[str, to
     torch.save({**blob, "rng": _rng_state()}, tmp / "trainer.pt")
     mode = (tmp / "trainer.pt").stat().st_mode & 0o777  # what the umask gives a new file
     for name, state in tensors.items():
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / name))
+        # "format": the metadata transformers 4.x requires of a safetensors file before it loads it
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / name), metadata={"format": "pt"})
         (tmp / name).chmod(mode)  # safetensors writes 0600; a checkpoint's files should all read alike
     for name, data in (files or {}).items():
         (tmp / name).write_bytes(data)
@@ -127,5 +166,6 @@ def load_weights(path: Path, model) -> None:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
 
 
-__all__ = ["ADAPTER_FILE", "MODEL_FILE", "gather_optimizer", "gather_weights", "list_checkpoints", "load_file",
-           "load_weights", "read_checkpoint", "restore_optimizer", "restore_weights", "tied_names", "write_checkpoint"]
+__all__ = ["ADAPTER_FILE", "MODEL_FILE", "folder_files", "gather_optimizer", "gather_weights", "list_checkpoints",
+           "load_file", "load_weights", "read_checkpoint", "read_model_file", "restore_optimizer", "restore_weights",
+           "tied_names", "write_checkpoint"]
