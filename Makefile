@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	# bubblewrap is the default sandbox backend (a Debian package, not on PyPI).
 	command -v bwrap >/dev/null || (apt-get update -qq && apt-get install -y -qq bubblewrap) \
 		|| echo "WARNING: bubblewrap is not installed; sandbox tests will be skipped"
+	# Debian's chromium is the headless browser the viewer test drives (never `playwright install`).
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "WARNING: chromium is not installed; the viewer's browser test will be skipped"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -49,7 +49,7 @@ MODES = {  # mode -> (async section, runtime section)
 def workload(name: str, mode: str, args, run_root: str):
     common = {
         "model": {"source": args.model},
-        "log": {"run_root": run_root, "progress": False, "tensorboard": False, "samples_per_step": 0},
+        "log": {"run_root": run_root, "progress": False, "trackers": [], "samples_per_step": 0},
         "checkpoint": {"every": 0},
         "train": {"steps": 10_000, "lr": 1e-5, "micro_batch_size": 8, "seed": args.seed},
         "algorithm": {"track_kl": False},  # no reference forward: the comparison is about scheduling

@@ -84,7 +84,7 @@ def run_config(args, run_root: str):
                     "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0}},
         "algorithm": {"name": "grpo", "kl_coef": 0.0, "track_kl": False},  # TRL runs no reference at beta 0
         "train": {"lr": 2e-6, "micro_batch_size": args.micro_batch, "seed": SEED},
-        "log": {"run_root": run_root, "tensorboard": False, "progress": False, "samples_per_step": 0},
+        "log": {"run_root": run_root, "trackers": [], "progress": False, "samples_per_step": 0},
     }
     for key, value in VARIANTS[args.variant].items():
         sections[key] = {**sections[key], **value}

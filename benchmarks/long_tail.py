@@ -68,7 +68,7 @@ def config(mode: str, args, run_root: str):
         "rollout": {"prompts_per_step": 4, "group_size": 8,
                     "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens}},
         "eval": {"temperature": 0.0, "max_new_tokens": 16},
-        "log": {"run_root": run_root, "progress": False, "tensorboard": False, "samples_per_step": 0},
+        "log": {"run_root": run_root, "progress": False, "trackers": [], "samples_per_step": 0},
         "checkpoint": {"every": 0},
         "train": {"steps": 10_000, "lr": 1e-5, "micro_batch_size": 8, "seed": args.seed},
         "algorithm": {"track_kl": False},  # no reference forward: the comparison is about scheduling

@@ -31,7 +31,7 @@ from rollmill.runtime.rl import RLJob
 def step_times(backend: str, args, extra: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{backend}-") as tmp:
         cfg = load_run_config(None, [f"runtime.backend={backend}", f"log.run_root={tmp}", "log.progress=false",
-                                     "log.tensorboard=false", "eval.before=false", f"train.seed={args.seed}", *extra])
+                                     "log.trackers=[]", "eval.before=false", f"train.seed={args.seed}", *extra])
         if backend == "ray":
             from rollmill.runtime.ray import RayRoles
 

@@ -42,7 +42,7 @@ def tiny_config_dict(tmp_path, **sections) -> dict:
         "train": {"steps": 4, "lr": 1e-2, "micro_batch_size": 3},
         "checkpoint": {"every": 2},
         "eval": {"every": 2},
-        "log": {"run_root": str(tmp_path / "runs"), "progress": False, "tensorboard": False},
+        "log": {"run_root": str(tmp_path / "runs"), "progress": False, "trackers": []},
     }
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}

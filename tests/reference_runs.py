@@ -30,7 +30,7 @@ _RLVR = {
     "train": {"steps": 3, "lr": 1e-2, "micro_batch_size": 3},
     "checkpoint": {"every": 0},
     "eval": {"every": 3},
-    "log": {"progress": False, "tensorboard": False},
+    "log": {"progress": False, "trackers": []},
 }
 
 CONFIGS = {
@@ -49,7 +49,7 @@ CONFIGS = {
         "train": {"steps": 3, "lr": 3e-3, "micro_batch_size": 8},
         "checkpoint": {"every": 0},
         "eval": {"every": 3},
-        "log": {"progress": False, "tensorboard": False},
+        "log": {"progress": False, "trackers": []},
     },
 }
 

@@ -25,7 +25,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
 
 def train_args(tmp_path, *overrides: str) -> list[str]:
     """`rollmill train` on the tiny model with `overrides`; runs (if any were made) go under tmp_path."""
-    sets = ["model.source=tiny", f"log.run_root={tmp_path / 'runs'}", "log.tensorboard=false", *overrides]
+    sets = ["model.source=tiny", f"log.run_root={tmp_path / 'runs'}", "log.trackers=[]", *overrides]
     return ["train", *[arg for s in sets for arg in ("--set", s)]]
 
 

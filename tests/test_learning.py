@@ -42,7 +42,7 @@ def test_gigpo_teaches_a_tiny_model_frozenlake_from_scratch(tmp_path):
     (measured: 10-15% success after 60-100 steps with GiGPO or TurningPoint, several learning rates).
     """
     cfg = load_config(EXAMPLES / "frozenlake_tiny.yaml", [f"log.run_root={tmp_path}", "log.progress=false",
-                                                          "log.tensorboard=false"])
+                                                          "log.trackers=[]"])
     result = train(cfg, tmp_path / "run")
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]
     success = [r["episode/success"] for r in records]

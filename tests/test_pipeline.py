@@ -11,7 +11,7 @@ from rollmill.track import deterministic_metrics, read_jsonl
 
 
 def test_tiny_run_writes_every_artifact(tiny_cfg, tmp_path):
-    cfg = tiny_cfg(log={"tensorboard": True})
+    cfg = tiny_cfg(log={"trackers": ["tensorboard"]})
     run_dir = tmp_path / "run"
     result = train(cfg, run_dir)
     records = read_jsonl(run_dir / "metrics.jsonl")
@@ -58,7 +58,7 @@ def test_resume_after_a_kill_drops_the_lost_steps(tiny_cfg, tmp_path, make_job):
     run_dir = tmp_path / "run"
     job = make_job(cfg, run_dir)
     run_dir.mkdir()
-    logger = RunLogger(run_dir, tensorboard=False)
+    logger = RunLogger(run_dir)
     logger.log_metrics({"step": 0})
     for _ in range(3):  # checkpoint at 2, then "killed" after step 3
         record, _ = job.train_step()

@@ -14,7 +14,7 @@ TINY = [
     "model.source=tiny", "task.name=add_1digit", "task.train_size=64", "task.eval_size=8",
     "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.sampling.max_new_tokens=6",
     "reward.functions=[{name: format, kwargs: {pattern: '.*[0-9].*'}}]", "train.lr=1e-2", "train.micro_batch_size=4",
-    "eval.before=false", "log.tensorboard=false", "log.progress=false",
+    "eval.before=false", "log.trackers=[]", "log.progress=false",
 ]
 
 

@@ -15,9 +15,10 @@ from typing import Iterator
 from rollmill.algos import ADVANTAGE_NAMES, GROUP_BASELINE_ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from rollmill.algos.losses import loss_param_names
 from rollmill.config import AlgorithmConfig, ConfigError, EnvConfig, RewardConfig, RunConfig, load_config
-from rollmill.envs import ENVS, check_env_kwargs
+from rollmill.envs import check_env_kwargs
 from rollmill.input_checks import Problem, input_problems
-from rollmill.rewards import REWARDS
+from rollmill.plugins import PluginError
+from rollmill.rewards import reward_function, takes_batch
 
 # algorithm field -> (its registry, what to call it in errors)
 _ALGO_REGISTRIES = {
@@ -84,18 +85,29 @@ def _algorithm_problems(algo: AlgorithmConfig) -> Iterator[Problem]:
 
 def _reward_problems(reward: RewardConfig) -> Iterator[Problem]:
     for i, fn in enumerate(reward.functions):
-        if fn.name not in REWARDS:
-            yield f"reward.functions.{i}.name", fn.name, f"unknown reward function {fn.name!r}; allowed: {sorted(REWARDS)}"
+        try:
+            function = reward_function(fn.name)
+        except PluginError as err:
+            yield f"reward.functions.{i}.name", fn.name, str(err)
             continue
-        params = list(inspect.signature(REWARDS[fn.name]).parameters)[2:]  # after (completion, example)
-        unknown = sorted(set(fn.kwargs) - set(params))
+        if not callable(function):
+            yield f"reward.functions.{i}.name", fn.name, f"{fn.name!r} is a {type(function).__name__}, not a function"
+            continue
+        params = inspect.signature(function).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        fixed = {"prompts", "completions"} if takes_batch(function) else set(list(params)[:2])  # (completion, example)
+        allowed = [p for p in params if p not in fixed]
+        unknown = sorted(set(fn.kwargs) - set(allowed))
         if unknown:
             yield (f"reward.functions.{i}.kwargs", fn.kwargs,
-                   f"reward {fn.name!r} takes no argument {unknown}; allowed: {params}")
+                   f"reward {fn.name!r} takes no argument {unknown}; allowed: {allowed}")
 
 
 def _env_problems(env: EnvConfig) -> Iterator[Problem]:
     try:
         check_env_kwargs(env.name, env.kwargs)
+    except PluginError as err:
+        yield "env.name", env.name, str(err)
     except ValueError as err:
-        yield ("env.name", env.name, str(err)) if env.name not in ENVS else ("env.kwargs", env.kwargs, str(err))
+        yield "env.kwargs", env.kwargs, str(err)

@@ -1,9 +1,10 @@
-"""`rollmill train | eval | algos | plot | simulate`: the command line over the pipelines."""
+"""`rollmill train | eval | algos | plot | view | simulate`: the command line over the pipelines."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -132,6 +133,28 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_view(args) -> int:
+    from rollmill.view import make_server, url_of
+
+    missing = [d for d in args.run_dirs if not Path(d).is_dir()]
+    if missing:
+        raise ConfigError(f"not a directory: {', '.join(missing)}")
+    try:
+        server = make_server([Path(d) for d in args.run_dirs], args.port)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    except OSError as err:  # the port is taken
+        raise ConfigError(f"cannot listen on 127.0.0.1:{args.port}: {err.strerror or err} (try --port 0)") from None
+    print(f"rollmill view: {url_of(server)} (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def _first_line(obj) -> str:
     """The first sentence of a docstring, on one line."""
     paragraph = " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())
@@ -140,6 +163,7 @@ def _first_line(obj) -> str:
 
 def cmd_algos(args) -> int:
     import rollmill.algos as algos
+    from rollmill.rewards import REWARDS
 
     sections = [
         ("presets (algorithm.name)", {k: p.description for k, p in ALGORITHMS.items()}),
@@ -148,6 +172,11 @@ def cmd_algos(args) -> int:
         ("policy losses (algorithm.loss)", {k: _first_line(f) for k, f in algos.POLICY_LOSSES.items()}),
         ("KL estimators (algorithm.kl_estimator)", {k: _first_line(f) for k, f in algos.KL_ESTIMATORS.items()}),
         ("loss aggregations (algorithm.loss_agg)", {k: _AGG_HELP[k] for k in algos.LOSS_AGGREGATIONS}),
+        ("reward functions (reward.functions[].name; or your own as module:attr or file.py:attr)",
+         {**{k: _first_line(f) for k, f in REWARDS.items()}, **_plugins("reward function")}),
+        ("task sources (task.source; or your own loader as module:attr or file.py:attr)",
+         {"arithmetic": "built-in generators (task.name)", "reasoning_gym": "a reasoning-gym dataset (task.name)",
+          "file": "a JSONL or Parquet file (task.path)", **_plugins("task source")}),
     ]
     for title, entries in sections:
         print(title)
@@ -163,7 +192,17 @@ def cmd_envs(args) -> int:
     for name, spec in sorted(ENVS.items()):
         print(f"  {name:<14} {spec.description}")
         print(f"  {'':<14} kwargs: {', '.join(spec.parameters()) or '-'}")
+    for name, text in _plugins("env").items():
+        print(f"  {name:<14} {text}")
+    print("  (or your own env class as env.name: module:attr or file.py:attr)")
     return 0
+
+
+def _plugins(what: str) -> dict[str, str]:
+    """Entry points installed packages declare for `what`, described by where they point."""
+    from rollmill.plugins import installed
+
+    return {name: f"plugin: {target}" for name, target in sorted(installed(what).items())}
 
 
 def cmd_simulate(args) -> int:
@@ -205,6 +244,7 @@ _AGG_HELP = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rollmill", description="RL post-training for LLMs and agents.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sets = dict(action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-5")
 
@@ -244,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the image to write (default: RUN_DIR/curves.png)")
     p.set_defaults(func=cmd_plot)
 
+    p = sub.add_parser("view", help="browse runs' curves and samples in a local web page (127.0.0.1 only)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories; their curves are overlaid")
+    p.add_argument("--port", type=int, default=8787, help="port to listen on (0 = any free port)")
+    p.set_defaults(func=cmd_view)
+
     p = sub.add_parser("simulate", help="predict a rollout/training schedule at cluster scale (docs/simulator.md)")
     p.add_argument("--policy", default="sync", help="sync | tail | both | async (k = 1) | kN, e.g. k2")
     p.add_argument("--engines", type=int, default=8)
@@ -272,10 +317,40 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe raises here, where it is handled, not at exit ("Exception ignored")
+        return code
     except ConfigError as err:
         print(f"rollmill: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _output_closed()
+
+
+def _output_closed() -> int:
+    """Stdout's reader went away (`rollmill samples RUN | head`): stop quietly, as `cat` or `seq` do.
+
+    Stdout is pointed at /dev/null (the Python docs' recipe for SIGPIPE) because the interpreter flushes
+    it once more at exit, which would fail again and print "Exception ignored ... BrokenPipeError". The
+    exit status is 141 (128 +
+    SIGPIPE), what a shell reports for a tool stopped by a closed pipe, so `set -o pipefail` scripts treat
+    a cut-short listing like any other tool's."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
+
+
+def package_version() -> str:
+    """The installed distribution's version; the source tree's `rollmill.__version__` when run uninstalled."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rollmill")
+    except PackageNotFoundError:
+        import rollmill
+
+        return getattr(rollmill, "__version__", "unknown")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Checks of what a config points at outside itself: the task's generator or dataset, the local model
-folder, and the optional package an engine needs.
+folder, and the optional packages an engine or a tracker needs.
 
 `rollmill.checks.check_config` runs them, so each fails as one message naming the key before any
 model loads. Found later, the same mistakes surface as a traceback from inside transformers or vLLM,
@@ -12,9 +12,11 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Iterator
 
-from rollmill.config import ModelConfig, RunConfig, TaskConfig
-from rollmill.tasks import DataError
+from rollmill.config import LogConfig, ModelConfig, RunConfig, TaskConfig
+from rollmill.plugins import PluginError
+from rollmill.tasks import BUILTIN_SOURCES, DataError, task_source
 from rollmill.tasks.arithmetic import arithmetic_problems
+from rollmill.track.trackers import TRACKER_PACKAGES
 
 Problem = tuple[str, Any, str]  # (dotted key, its value, what is wrong and what is allowed)
 
@@ -31,13 +33,14 @@ VLLM_INSTALL = ("run `make install-vllm` and start rollmill from that environmen
 
 
 def input_problems(cfg: RunConfig) -> Iterator[Problem]:
-    """Every problem with the task, the model folder and the engine package `cfg` asks for."""
+    """Every problem with the task, the model folder and the engine and tracker packages `cfg` asks for."""
     if cfg.pipeline == "rlvr":  # the agentic pipeline plays `env` and never reads `task`
         yield from task_problems(cfg.task)
     yield from model_problems(cfg.model)
     if cfg.rollout.engine == "vllm" and find_spec("vllm") is None:
         yield ("rollout.engine", "vllm",
                f"the vllm engine needs the package 'vllm', which is not installed here: {VLLM_INSTALL}")
+    yield from tracker_problems(cfg.log)
 
 
 def task_problems(task: TaskConfig) -> Iterator[Problem]:
@@ -52,6 +55,11 @@ def task_problems(task: TaskConfig) -> Iterator[Problem]:
             check_dataset_name(task.name)
         except DataError as err:
             yield "task.name", task.name, str(err)
+    elif task.source not in BUILTIN_SOURCES:
+        try:
+            task_source(task.source)
+        except PluginError as err:
+            yield "task.source", task.source, str(err)
 
 
 def model_problems(model: ModelConfig) -> Iterator[Problem]:
@@ -73,3 +81,13 @@ def model_problems(model: ModelConfig) -> Iterator[Problem]:
 def _shown(path: Path) -> str:
     # A relative path is read from the working directory, which the message should not leave to guesswork.
     return str(path) if path.is_absolute() else f"{path} ({path.resolve()})"
+
+
+def tracker_problems(log: LogConfig) -> Iterator[Problem]:
+    """A tracker in `log.trackers` whose package is not installed (else an ImportError once the model is loaded)."""
+    for i, name in enumerate(log.trackers):
+        modules, install = TRACKER_PACKAGES[name]
+        missing = [module for module in modules if find_spec(module) is None]
+        if missing:
+            yield (f"log.trackers.{i}", name, f"the {name} tracker needs {', '.join(map(repr, missing))}, "
+                   f"which is not installed here: {install}")

@@ -10,32 +10,50 @@ from __future__ import annotations
 import json
 import re
 
-_A, _B, _OBS = "\x01A\x01", "\x01B\x01", "\x01OBS\x01"  # placeholders no real text contains
+from rollmill.agent.tools import for_template, renders_tools
+
+# placeholders no real text contains
+_A, _B, _OBS, _NAME, _ID = "\x01A\x01", "\x01B\x01", "\x01OBS\x01", "\x01NAME\x01", "\x01ID\x01"
 
 
 class ChatFormat:
-    """Token ids for the first prompt and for each observation that follows a reply."""
+    """Token ids for the first prompt and for each observation that follows a reply.
 
-    def __init__(self, tokenizer):
+    With `tools` (OpenAI function schemas) every prompt carries them (rendered by the template, or
+    in the system message when the template ignores tools, see `rollmill.agent.tools`), and the
+    answer to a tool call goes back in the template's `tool` role instead of the `user` role.
+    """
+
+    def __init__(self, tokenizer, tools: list[dict] | None = None):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the agentic pipeline needs a tokenizer with a chat template")
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_token_id
-        base = self._render([{"role": "user", "content": _A}, {"role": "assistant", "content": _B}], generation=False)
-        extended = self._render(
-            [{"role": "user", "content": _A}, {"role": "assistant", "content": _B}, {"role": "user", "content": _OBS}],
-            generation=True,
-        )
+        self.tools = tools or None
+        self.native_tools = bool(self.tools) and renders_tools(tokenizer)
+        turns = [{"role": "user", "content": _A}, {"role": "assistant", "content": _B}]
+        base = self._render(turns, generation=False)
+        # what the template writes after an assistant's text, then around the next user message
+        self.close_assistant = base[base.index(_B) + len(_B):]
+        self.user_prefix, self.user_suffix = self._glue(base, turns + [{"role": "user", "content": _OBS}])
+        if self.tools:
+            tool = {"role": "tool", "content": _OBS, "name": _NAME, "tool_call_id": _ID}
+            self.tool_prefix, self.tool_suffix = self._glue(base, turns + [tool])
+        self.eos_text = tokenizer.decode([self.eos_id]) if self.eos_id is not None else ""
+
+    def _glue(self, base: str, messages: list[dict]) -> tuple[str, str]:
+        """The text the template adds around the last message's content when it follows `base`."""
+        extended = self._render(messages, generation=True)
         if not extended.startswith(base):
             raise ValueError("the chat template re-renders earlier turns when a turn is added; "
                              "multi-turn token appending needs an append-only template")
-        # what the template writes after an assistant's text, then around the next user message
-        self.close_assistant = base[base.index(_B) + len(_B):]
-        self.user_prefix, self.user_suffix = extended[len(base):].split(_OBS)
-        self.eos_text = tokenizer.decode([self.eos_id]) if self.eos_id is not None else ""
+        prefix, suffix = extended[len(base):].split(_OBS)
+        return prefix, suffix
 
     def _render(self, messages: list[dict], generation: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        messages = for_template(messages, self.tools, self.native_tools)
+        return self.tokenizer.apply_chat_template(messages, tools=self.tools if self.native_tools else None,
+                                                  tokenize=False, add_generation_prompt=generation)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -44,16 +62,22 @@ class ChatFormat:
         """Ids of a whole conversation, ending with the assistant's generation prompt."""
         return self.encode(self._render(messages, generation=True))
 
-    def observation(self, observation: str, reply_ids: list[int]) -> list[int]:
+    def observation(self, observation: str, reply_ids: list[int], tool_call: dict | None = None) -> list[int]:
         """Ids to append after a reply: the end of the assistant turn, the user turn, the next prompt.
 
         A reply that ended with eos already holds the template's end-of-turn token; one cut by the
-        length limit or a stop string gets it here (as env text, so it is never trained).
+        length limit or a stop string gets it here (as env text, so it is never trained). The answer
+        to `tool_call` (OpenAI-shaped) is a `tool` message carrying the call's name and id.
         """
         closing = self.close_assistant
         if reply_ids and reply_ids[-1] == self.eos_id and self.eos_text and closing.startswith(self.eos_text):
             closing = closing[len(self.eos_text):]
-        return self.encode(closing + self.user_prefix + observation + self.user_suffix)
+        if tool_call is None:
+            return self.encode(closing + self.user_prefix + observation + self.user_suffix)
+        name, call_id = tool_call["function"]["name"], tool_call["id"]
+        prefix, suffix = (part.replace(_NAME, name).replace(_ID, call_id)
+                          for part in (self.tool_prefix, self.tool_suffix))
+        return self.encode(closing + prefix + observation + suffix)
 
 
 class PlainFormat:
@@ -63,18 +87,20 @@ class PlainFormat:
     trained from scratch use it: with no template suffix the final position sees the state itself.
     """
 
-    def __init__(self, tokenizer, separator: str = "\n"):
+    def __init__(self, tokenizer, separator: str = "\n", tools: list[dict] | None = None):
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_token_id
         self.separator = separator
+        self.tools = tools or None  # written into the system text: there is no template to render them
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt(self, messages: list[dict]) -> list[int]:
+        messages = for_template(messages, self.tools, native=False)
         return self.encode(self.separator.join(m["content"] for m in messages))
 
-    def observation(self, observation: str, reply_ids: list[int]) -> list[int]:
+    def observation(self, observation: str, reply_ids: list[int], tool_call: dict | None = None) -> list[int]:
         return self.encode(self.separator + observation)
 
 

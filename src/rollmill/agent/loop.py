@@ -10,11 +10,13 @@ episodes in lockstep (turn t of every episode in one engine batch), the synchron
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 from typing import Awaitable, Callable
 
 from rollmill.agent.chat import ChatFormat, PlainFormat, format_instruction, parse_action, stop_strings
 from rollmill.agent.env_calls import CallResult, call_env
+from rollmill.agent.tools import call_action, parse_tool_calls
 from rollmill.config import AgentConfig
 from rollmill.envs import Env
 from rollmill.rollout import SamplingParams
@@ -32,11 +34,26 @@ class Agent:
     """Plays episodes: owns chat formatting, action parsing, the context policy and the turn limits."""
 
     def __init__(self, tokenizer, cfg: AgentConfig, sampling: SamplingParams, step_timeout_s: float = 30.0):
-        self.chat = ChatFormat(tokenizer) if cfg.chat_template else PlainFormat(tokenizer)
+        self.tokenizer = tokenizer
         self.cfg = cfg
+        self.chat = self._format(None)
+        self._tool_formats: dict[str, ChatFormat | PlainFormat] = {}  # one per distinct tool list, probed once
         self.sampling = replace(sampling, n=1, stop=tuple(sampling.stop) + stop_strings(cfg.action_format, cfg.action_tag))
         self.timeout = step_timeout_s
         self.format_line = format_instruction(cfg.action_format, cfg.action_tag)
+
+    def _format(self, tools: list[dict] | None) -> ChatFormat | PlainFormat:
+        return ChatFormat(self.tokenizer, tools) if self.cfg.chat_template else PlainFormat(self.tokenizer, tools=tools)
+
+    def chat_for(self, env: Env) -> ChatFormat | PlainFormat:
+        """The chat format of `env`: with its tools when it declares OpenAI tool schemas in `env.tools`."""
+        tools = getattr(env, "tools", None)
+        if not tools:
+            return self.chat
+        key = json.dumps(tools, sort_keys=True)
+        if key not in self._tool_formats:
+            self._tool_formats[key] = self._format(list(tools))
+        return self._tool_formats[key]
 
     def system_prompt(self, env: Env) -> str:
         """The env's instructions (or the configured prompt) and the action-format line; may be empty."""
@@ -47,7 +64,14 @@ class Agent:
     async def run_episode(self, env: Env, traj: Trajectory, env_seed: int, sample_seed: int,
                           generate: Generate) -> Trajectory:
         """Play `traj` (empty, with its ids set) on `env` reset with `env_seed`; turn t samples with
-        seed `request_seed(sample_seed, t)`."""
+        seed `request_seed(sample_seed, t)`.
+
+        With env tools a reply's first native tool call (`rollmill.agent.tools`) is the action, as
+        `{"name", "arguments"}` JSON, and the env's answer goes back in the `tool` role; a reply
+        without one is parsed by the configured action format and answered as a user message.
+        Each turn's call (OpenAI-shaped, or None) is kept in `traj.info["tool_calls"]`.
+        """
+        chat = self.chat_for(env)
         reset = await call_env(env.reset, (env_seed,), self.timeout)
         if not reset.ok or not _is_reset_result(reset.value):
             self._fail(traj, reset, "reset")
@@ -56,13 +80,20 @@ class Agent:
         traj.initial_observation, traj.initial_state, traj.initial_progress = obs, info.get("state"), info.get("progress")
         traj.info["state"] = traj.initial_state
         traj.info["system"] = self.system_prompt(env)
-        traj.rows.append(Row(self.chat.prompt(self._messages(traj, turn=0))))
+        if chat.tools:
+            traj.info["tool_calls"] = []
+        traj.rows.append(Row(chat.prompt(self._messages(traj, turn=0))))
         for turn in range(self.cfg.max_turns):
-            if not self._prepare_context(traj, turn):
+            if not self._prepare_context(traj, turn, chat):
                 return traj
             completion = await generate(Request(tuple(traj.rows[-1].context), self.sampling,
                                                 request_seed(sample_seed, turn)))
-            action = parse_action(completion.text, self.cfg.action_format, self.cfg.action_tag)
+            call = None
+            if chat.tools:
+                call = next(iter(parse_tool_calls(completion.text, id_prefix=f"call_{turn}_")[1]), None)
+                traj.info["tool_calls"].append(call)
+            action = call_action(call) if call else parse_action(completion.text, self.cfg.action_format,
+                                                                 self.cfg.action_tag)
             traj.rows[-1].append_sampled(completion.token_ids, completion.logprobs, completion.versions, turn)
             result = await call_env(env.step, (action,), self.timeout) if action is not None else None
             self._record(traj, completion, action, result, turn)
@@ -83,20 +114,26 @@ class Agent:
             if self.cfg.context == "sliding_window" and k < keep_from:
                 continue
             omit = self.cfg.context == "truncate_observations" and k < keep_from - 1
+            # the reply's own text, never re-rendered from the parsed call: that is what was sampled
             messages.append({"role": "assistant", "content": t.reply})
-            messages.append({"role": "user", "content": OMITTED if omit else t.observation})
+            observation = OMITTED if omit else t.observation
+            call = _tool_call(traj, k)
+            messages.append({"role": "user", "content": observation} if call is None else
+                            {"role": "tool", "content": observation, "tool_call_id": call["id"],
+                             "name": call["function"]["name"]})
         return messages
 
-    def _prepare_context(self, traj: Trajectory, turn: int) -> bool:
+    def _prepare_context(self, traj: Trajectory, turn: int, chat: ChatFormat | PlainFormat) -> bool:
         """Extend (or, when the context policy drops history, restart) the episode's row; False if it no longer fits."""
         if turn > 0:
             drops_from = {"keep_all": None, "sliding_window": 1, "truncate_observations": 2}[self.cfg.context]
             rewrites = drops_from is not None and turn >= self.cfg.window_turns + drops_from
             if rewrites:
-                traj.rows.append(Row(self.chat.prompt(self._messages(traj, turn))))
+                traj.rows.append(Row(chat.prompt(self._messages(traj, turn))))
             else:
                 row = traj.rows[-1]  # it ends with the previous reply: observations are appended only here
-                row.append_env(self.chat.observation(traj.turns[-1].observation, row.token_ids[-1:]))
+                row.append_env(chat.observation(traj.turns[-1].observation, row.token_ids[-1:],
+                                                _tool_call(traj, turn - 1)))
         if len(traj.rows[-1].context) + self.sampling.max_new_tokens > self.cfg.max_context_tokens:
             traj.end_reason = "context"
             return False
@@ -164,6 +201,12 @@ class AgentLoop(Agent):
             return list(await asyncio.gather(*(one(k) for k in range(len(envs)))))
         finally:
             await driver.close()
+
+
+def _tool_call(traj: Trajectory, turn: int) -> dict | None:
+    """The native tool call of `turn`, if the episode has tools and that reply made one."""
+    calls = traj.info.get("tool_calls")
+    return calls[turn] if calls else None
 
 
 def _is_reset_result(value) -> bool:

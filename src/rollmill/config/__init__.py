@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import re
+import warnings
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -82,10 +83,12 @@ class TaskConfig(Strict):
     """Where prompts and reference answers come from, and the held-out split.
 
     source `arithmetic` uses a built-in generator (`name` picks it), `reasoning_gym` a reasoning-gym
-    dataset (`name` is its dataset name), `file` a local JSONL or Parquet file at `path`.
+    dataset (`name` is its dataset name), `file` a local JSONL or Parquet file at `path`. Any other
+    source is a user's loader, an entry point (`rollmill.tasks`) or `module:attr` / `file.py:attr`
+    (rollmill.plugins), called with this config and returning (train, eval) rows.
     """
 
-    source: Literal["arithmetic", "reasoning_gym", "file"] = "arithmetic"
+    source: str = "arithmetic"
     name: str = "larger_of_two"
     path: str | None = None
     eval_path: str | None = None
@@ -94,9 +97,18 @@ class TaskConfig(Strict):
     train_size: int = Field(2000, gt=0)
     eval_size: int = Field(96, gt=0)
     seed: int = 0
-    instruction: str = "Answer with just the number."
+    instruction: str | None = Field(None, description="appended to each question; unset: the source's own "
+                                    "('Answer with just the number.' for arithmetic and reasoning_gym, none for "
+                                    "files and user loaders)")
     system_prompt: str | None = None
     chat_template: bool = True
+
+    @property
+    def instruction_text(self) -> str:
+        """The instruction appended to each question: `instruction`, or the source's default."""
+        if self.instruction is not None:
+            return self.instruction
+        return "Answer with just the number." if self.source in ("arithmetic", "reasoning_gym") else ""
 
     @model_validator(mode="after")
     def _path_for_file(self) -> "TaskConfig":
@@ -216,11 +228,45 @@ class EvalConfig(Strict):
     max_new_tokens: int | None = Field(None, gt=0)
 
 
+TrackerName = Literal["tensorboard", "wandb", "trackio", "mlflow"]
+
+
 class LogConfig(Strict):
+    """Where a run's metrics go besides its metrics.jsonl: `trackers` mirrors each step's scalars to the
+    dashboards listed, each local or offline (`rollmill.track.trackers` says where each writes)."""
+
     run_root: str = "runs"
     samples_per_step: int = Field(4, ge=0)
-    tensorboard: bool = True
+    trackers: list[TrackerName] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="tensorboard (run_dir/tensorboard), wandb (offline run in run_dir/wandb), trackio (its local "
+                    "database), mlflow (run_dir/mlflow.db); [] = metrics.jsonl only")
     progress: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_flag(cls, data: Any) -> Any:
+        """`tensorboard: true/false`, the key `trackers` replaced, still reads as [tensorboard] or [] so that
+        runs whose config.yaml has it can resume; configs are written with `trackers` only."""
+        if not isinstance(data, dict) or "tensorboard" not in data:
+            return data
+        data = dict(data)
+        flag = data.pop("tensorboard")
+        if "trackers" in data:
+            raise ValueError("log.tensorboard is the old form of log.trackers: give only log.trackers")
+        if not isinstance(flag, bool):
+            raise ValueError(f"log.tensorboard = {flag!r} must be true or false; better, use log.trackers")
+        warnings.warn("log.tensorboard is deprecated: use log.trackers ([tensorboard], or [] for none)",
+                      FutureWarning, stacklevel=2)
+        return {**data, "trackers": ["tensorboard"] if flag else []}
+
+    @field_validator("trackers")
+    @classmethod
+    def _each_once(cls, names: list[str]) -> list[str]:
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{repeated} listed more than once")
+        return names
 
 
 class RunConfig(Strict):

@@ -21,6 +21,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
+from rollmill.plugins import PluginError, resolve
+
 
 @runtime_checkable
 class Env(Protocol):
@@ -58,11 +60,21 @@ def register_env(name: str, description: str):
     return wrap
 
 
+def env_spec(name: str, /) -> EnvSpec:
+    """The env `name` stands for: registered, an entry point (`rollmill.envs`) or `module:attr` /
+    `file.py:attr` naming a class or factory (rollmill.plugins). Raises ValueError listing the envs."""
+    found = resolve(name, ENVS, "env")
+    if isinstance(found, EnvSpec):
+        return found
+    if not callable(found):
+        raise PluginError(f"env {name!r} is a {type(found).__name__}, not a class or function")
+    return EnvSpec(name, found, _first_line(found.__doc__))
+
+
 def check_env_kwargs(name: str, kwargs: dict[str, Any], /) -> None:
-    """Raise ValueError naming the env or keyword that does not exist (used by config validation)."""
-    if name not in ENVS:
-        raise ValueError(f"unknown env {name!r}; allowed: {sorted(ENVS)}")
-    params = inspect.signature(ENVS[name].factory).parameters
+    """Raise ValueError naming the env or keyword that does not exist (PluginError, a ValueError, for
+    an env that resolves to nothing); used by config validation."""
+    params = inspect.signature(env_spec(name).factory).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     unknown = sorted(set(kwargs) - set(params))
@@ -71,6 +83,10 @@ def check_env_kwargs(name: str, kwargs: dict[str, Any], /) -> None:
 
 
 def make_env(name: str, /, **kwargs: Any) -> Env:
-    """A new env instance from the registry (positional `name`, so an env may take a `name` kwarg)."""
+    """A new env instance (positional `name`, so an env may take a `name` kwarg)."""
     check_env_kwargs(name, kwargs)
-    return ENVS[name].factory(**kwargs)
+    return env_spec(name).factory(**kwargs)
+
+
+def _first_line(doc: str | None) -> str:
+    return " ".join((doc or "").strip().split("\n\n")[0].split())

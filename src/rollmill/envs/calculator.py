@@ -23,6 +23,16 @@ UNARY_OPS = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 MAX_EXPONENT = 10
 MAX_MAGNITUDE = 10**100  # bounds the work any expression can cause (huge ints are slow to build and print)
 MAX_LENGTH = 500
+TOOLS = [  # the calculator's actions as OpenAI function schemas, for `native_tools`
+    {"type": "function", "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression (numbers, + - * / // % ** and parentheses).",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                       "required": ["expression"]}}},
+    {"type": "function", "function": {
+        "name": "answer", "description": "Give the final answer; this ends the episode.",
+        "parameters": {"type": "object", "properties": {"value": {"type": "number"}}, "required": ["value"]}}},
+]
 TEXT_CALL = re.compile(r"\s*(calculator|answer)\s*:\s*(.*?)\s*", re.IGNORECASE | re.DOTALL)
 
 
@@ -118,9 +128,12 @@ class CalculatorEnv:
 
     Each reset seed draws `terms` numbers of `digits` digits joined by operators from `ops`. With
     max_calls set, calculator calls beyond it are refused (the episode goes on until an answer).
+    With native_tools the env declares its actions as OpenAI tool schemas (`tools`), so the agent
+    renders them with the model's chat template and parses the model's own tool-call format.
     """
 
-    def __init__(self, digits: int = 2, terms: int = 3, ops: str = "+-*", max_calls: int | None = None):
+    def __init__(self, digits: int = 2, terms: int = 3, ops: str = "+-*", max_calls: int | None = None,
+                 native_tools: bool = False):
         if digits < 1 or terms < 1:
             raise ValueError(f"calculator needs digits >= 1 and terms >= 1, got digits={digits}, terms={terms}")
         if not ops or set(ops) - set("+-*/"):
@@ -132,6 +145,10 @@ class CalculatorEnv:
             '{"name": "answer", "arguments": {"value": 1776}}, or as text: calculator: 37*48 or answer: 1776. '
             "The calculator knows numbers, + - * / // % ** and parentheses. Your answer ends the episode."
         )
+        if native_tools:
+            self.tools = TOOLS
+            self.instructions = ("Answer the arithmetic question. You may use the calculator tool first; "
+                                 "then call the answer tool, which ends the episode.")
         self.done = True
 
     def reset(self, seed: int | None = None) -> tuple[str, dict[str, Any]]:

@@ -19,12 +19,13 @@ EVAL_SEED_BASE = 1_000_000_000  # env seeds of training episodes stay below this
 
 def encode_prompt(tokenizer, example: Example, task: TaskConfig) -> list[int]:
     """The token ids the engine continues: the chat template (with generation prompt) or raw text."""
+    chat = list(example.messages or [{"role": "user", "content": example.prompt}])
+    if task.system_prompt and chat[0]["role"] != "system":  # a chat's own system message wins
+        chat.insert(0, {"role": "system", "content": task.system_prompt})
     if task.chat_template and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": task.system_prompt}] if task.system_prompt else []
-        messages.append({"role": "user", "content": example.prompt})
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     else:
-        text = example.prompt
+        text = "\n\n".join(m["content"] for m in chat) if example.messages else example.prompt
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -77,7 +77,7 @@ class PromptEpisodes:
         turn = Turn(completion.text, completion.text, "", score.total, None, None, False, 0, completion.finish_reason)
         return Trajectory(spec.group_id, index, spec.prompt_id, [row], [turn], initial_observation=example.prompt,
                           success=score.correct, failed=score.failed, error=score.error,
-                          end_reason=completion.finish_reason, info={"answer": example.answer})
+                          end_reason=completion.finish_reason, info={"answer": example.answer, "columns": example.meta})
 
     def close(self) -> None:
         """Nothing to release."""
@@ -142,9 +142,11 @@ class RLVRPipeline(RLPipeline):
         }
 
     def sample_dump(self, traj: Trajectory, tokenizer) -> dict:
-        """Prompt, answer, completion, reward."""
-        return {"prompt": traj.initial_observation, "answer": traj.info["answer"], "completion": traj.turns[0].reply,
+        """Prompt, answer, completion, reward, and the example's other columns (when it has any)."""
+        dump = {"prompt": traj.initial_observation, "answer": traj.info["answer"], "completion": traj.turns[0].reply,
                 "reward": traj.reward, "correct": traj.success, "finish_reason": traj.end_reason}
+        columns = traj.info.get("columns")
+        return {**dump, "columns": columns} if columns else dump
 
     def eval_metrics(self, groups: list[list[Trajectory]]) -> dict[str, float]:
         """eval/accuracy (= pass@1, mean correctness over all samples), eval/pass@k for k = 2, 4, ... up

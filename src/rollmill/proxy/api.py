@@ -21,7 +21,8 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One chat message; extra keys (name, tool_calls, tool_call_id) reach the chat template, which may render them."""
+    """One chat message; extra keys (name, tool_calls, tool_call_id) reach the chat template, which
+    renders them (assistant `tool_calls` arguments as objects; see `rollmill.agent.tools`)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
     role: str = Field(min_length=1)
@@ -35,8 +36,29 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
+class FunctionSpec(BaseModel):
+    """A tool's function: its name, and the description and JSON-schema parameters the model reads."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class ToolSpec(BaseModel):
+    """One OpenAI tool; only function tools exist."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["function"]
+    function: FunctionSpec
+
+
 class ChatRequest(BaseModel):
-    """The accepted part of an OpenAI chat request; other fields (tools, penalties...) are ignored.
+    """The accepted part of an OpenAI chat request; other fields (penalties, parallel_tool_calls...) are ignored.
+
+    `tools` are rendered by the chat template and the reply is parsed for tool calls; `tool_choice`
+    "none" sends no tools to the model. Forcing a call ("required", a named function) would need
+    constrained decoding, so it is refused.
 
     Clients may send any optional field as null, which means its default. Limits that depend on the
     proxy's settings (model name, `n`, `max_tokens`, context length) are checked by the proxy.
@@ -56,6 +78,8 @@ class ChatRequest(BaseModel):
     logprobs: bool | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["auto", "none"] | None = None
 
 
 class OpenAIError(Exception):

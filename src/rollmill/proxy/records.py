@@ -16,6 +16,7 @@ class ProxyCall:
     `clear`). `prompt_ids` are the chat template over `messages` with the generation prompt;
     `choices` holds the engine's completions unchanged, one per requested `n`, so their
     `token_ids` and `logprobs` are exactly what was sampled (including a final eos token).
+    `tools` are the tool schemas rendered into the prompt (None when there were none).
     """
 
     index: int
@@ -23,6 +24,7 @@ class ProxyCall:
     messages: list[dict]
     prompt_ids: list[int]
     choices: list[Completion]
+    tools: list[dict] | None = None
 
 
 def calls_to_trajectory(calls: list[ProxyCall], reward: float, *, prompt_id: int = 0, group_id: int = 0, index: int = 0,

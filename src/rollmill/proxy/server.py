@@ -21,9 +21,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
+from rollmill.agent.tools import for_template, parse_tool_calls, renders_tools
 from rollmill.proxy.api import BodySizeLimit, ChatMessage, ChatRequest, OpenAIError, http_error, logprob_entry
 from rollmill.proxy.records import ProxyCall
-from rollmill.proxy.stream import sse_events
+from rollmill.proxy.stream import finish_reason, sse_events
 from rollmill.rollout.engine import Completion, Engine, SamplingParams
 
 
@@ -35,6 +36,13 @@ def _plain_message(message: ChatMessage) -> dict:
         content = "".join(part.text for part in content)
     plain["content"] = content or ""
     return plain
+
+
+def _message(content: str, tool_calls: list[dict]) -> dict:
+    """A reply as an OpenAI assistant message: with calls, its other text (or null) and the calls."""
+    if not tool_calls:
+        return {"role": "assistant", "content": content}
+    return {"role": "assistant", "content": content or None, "tool_calls": tool_calls}
 
 
 def _visible_text(text: str, stop: tuple[str, ...]) -> str:
@@ -64,6 +72,8 @@ class ModelProxy:
     refusal is an OpenAI-shaped error (`{"error": {message, type, param, code}}`). `stream=True`
     generates the whole reply, records it, then sends it as `chat.completion.chunk` server-sent
     events, one per token (the engine interface hands back only finished completions; see `stream`).
+    `tools` are rendered by the chat template and Hermes-style `<tool_call>` blocks in the reply come
+    back as OpenAI `tool_calls` (see `rollmill.agent.tools`); the record keeps the raw sampled tokens.
 
     - `model_name`: the one model served; a request naming another gets 404 `model_not_found`
       (a request without `model` gets this one). The default is what the bundled harness asks for.
@@ -93,6 +103,7 @@ class ModelProxy:
                              f"max_tokens_limit ({max_tokens_limit})")
         self.engine = engine
         self.tokenizer = tokenizer
+        self.native_tools = renders_tools(tokenizer)  # else tools go into the system message
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
         self.max_tokens_limit = max_tokens_limit
@@ -127,13 +138,16 @@ class ModelProxy:
         with self._records_lock:
             self._calls = []
 
-    def _record(self, session: str, messages: list[dict], prompt_ids: list[int], choices: list[Completion]) -> None:
+    def _record(self, session: str, messages: list[dict], prompt_ids: list[int], choices: list[Completion],
+                tools: list[dict] | None) -> None:
         with self._records_lock:
-            self._calls.append(ProxyCall(self._next_index, session, messages, prompt_ids, choices))
+            self._calls.append(ProxyCall(self._next_index, session, messages, prompt_ids, choices, tools))
             self._next_index += 1
 
-    def _prompt_ids(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    def _prompt_ids(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+        templated = for_template(messages, tools, self.native_tools)
+        ids = self.tokenizer.apply_chat_template(templated, tools=tools if self.native_tools else None,
+                                                 add_generation_prompt=True, tokenize=True)
         if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return [int(i) for i in ids]
@@ -216,8 +230,12 @@ class ModelProxy:
             raise OpenAIError(400, f"n is too large: {body.n}. This proxy allows at most {self.max_n} choices per "
                                    "request (max_n).", "n", "integer_above_max_value")
         messages = [_plain_message(m) for m in body.messages]
+        # "none" keeps the tools from the model: without constrained decoding that is how a call is prevented
+        tools = None
+        if body.tools and body.tool_choice != "none":
+            tools = [t.model_dump(exclude_none=True) for t in body.tools]
         try:
-            prompt_ids = self._prompt_ids(messages)
+            prompt_ids = self._prompt_ids(messages, tools)
         except (TemplateError, ValueError) as exc:
             raise OpenAIError(400, f"the chat template could not render these messages: {exc}", "messages") from exc
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
@@ -235,11 +253,19 @@ class ModelProxy:
                 raise OpenAIError(400, f"the engine refused the request: {exc}") from exc
             # recorded under the engine lock, so call indices follow generation order; a streamed
             # reply is recorded here too, before its first chunk is sent
-            self._record(session, messages, prompt_ids, choices)
-        return self._reply(body, prompt_ids, choices, [_visible_text(c.text, stop) for c in choices])
+            self._record(session, messages, prompt_ids, choices, tools)
+        contents = [_visible_text(c.text, stop) for c in choices]
+        calls = [[] for _ in choices]
+        if tools:
+            call_id = f"call_{uuid.uuid4().hex[:16]}_"
+            parsed = [parse_tool_calls(text, id_prefix=f"{call_id}{j}_") for j, text in enumerate(contents)]
+            contents, calls = [text or "" for text, _ in parsed], [found for _, found in parsed]
+        return self._reply(body, prompt_ids, choices, contents, calls)
 
-    def _reply(self, body: ChatRequest, prompt_ids: list[int], choices: list[Completion], contents: list[str]):
-        """The finished reply: one `chat.completion` object, or its chunks as server-sent events."""
+    def _reply(self, body: ChatRequest, prompt_ids: list[int], choices: list[Completion], contents: list[str],
+               tool_calls: list[list[dict]]):
+        """The finished reply: one `chat.completion` object, or its chunks as server-sent events.
+        `contents[j]` is choice j's text outside its tool calls, `tool_calls[j]` its calls."""
         completion_tokens = sum(len(c.token_ids) for c in choices)
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
                  "total_tokens": len(prompt_ids) + completion_tokens}
@@ -247,7 +273,7 @@ class ModelProxy:
                 "model": body.model or self.model_name}
         if body.stream:
             with_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = sse_events(self.tokenizer, head, choices, contents, bool(body.logprobs),
+            events = sse_events(self.tokenizer, head, choices, contents, tool_calls, bool(body.logprobs),
                                 usage if with_usage else None)
             return StreamingResponse(iter(events), media_type="text/event-stream")
         return {
@@ -256,11 +282,11 @@ class ModelProxy:
             "choices": [
                 {
                     "index": j,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": c.finish_reason,
+                    "message": _message(content, calls),
+                    "finish_reason": finish_reason(c, calls),
                     "logprobs": self._logprobs(c) if body.logprobs else None,
                 }
-                for j, (c, content) in enumerate(zip(choices, contents))
+                for j, (c, content, calls) in enumerate(zip(choices, contents, tool_calls))
             ],
             "usage": usage,
         }

@@ -37,17 +37,35 @@ def token_pieces(tokenizer, token_ids: list[int], visible: str) -> list[str]:
     return pieces
 
 
+def finish_reason(completion: Completion, tool_calls: list[dict]) -> str:
+    """OpenAI's finish reason: "tool_calls" when a reply that ended by itself made calls."""
+    return "tool_calls" if tool_calls and completion.finish_reason == "stop" else completion.finish_reason
+
+
+def _tool_call_deltas(calls: list[dict]) -> list[dict]:
+    """The deltas OpenAI streams a reply's calls in: per call its id, type and name (with empty
+    arguments), then its arguments, which clients append to by `index`."""
+    deltas = []
+    for k, call in enumerate(calls):
+        head = {"index": k, "id": call["id"], "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""}}
+        arguments = {"index": k, "function": {"arguments": call["function"]["arguments"]}}
+        deltas += [{"tool_calls": [head]}, {"tool_calls": [arguments]}]
+    return deltas
+
+
 def _event(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def sse_events(tokenizer, head: dict, choices: list[Completion], contents: list[str], logprobs: bool,
-               usage: dict | None) -> list[str]:
+def sse_events(tokenizer, head: dict, choices: list[Completion], contents: list[str], tool_calls: list[list[dict]],
+               logprobs: bool, usage: dict | None) -> list[str]:
     """The event stream of a finished reply, ending with `data: [DONE]`.
 
     `head` holds the fields every chunk repeats (id, created, model); `contents[j]` is choice j's
-    visible text. Per choice: a chunk with the assistant role, one per token whose text or log-prob
-    there is to send, and one with the finish reason. `usage` (when the client asked for it) comes
+    visible text (outside its tool calls), `tool_calls[j]` its parsed calls. Per choice: a chunk with
+    the assistant role, one per token whose text or log-prob there is to send, two per tool call
+    (see `_tool_call_deltas`), and one with the finish reason. `usage` (when the client asked for it) comes
     in a last chunk without choices, and as null on every other chunk, as OpenAI sends it.
     """
     extra = {} if usage is None else {"usage": None}
@@ -58,14 +76,15 @@ def sse_events(tokenizer, head: dict, choices: list[Completion], contents: list[
         return _event({**head, "object": "chat.completion.chunk", "choices": [choice], **extra})
 
     events = []
-    for j, (completion, content) in enumerate(zip(choices, contents)):
+    for j, (completion, content, calls) in enumerate(zip(choices, contents, tool_calls)):
         events.append(chunk(j, {"role": "assistant"}))
         pieces = token_pieces(tokenizer, completion.token_ids, content)
         for token_id, logprob, piece in zip(completion.token_ids, completion.logprobs, pieces):
             if piece or logprobs:
                 entries = [logprob_entry(tokenizer, token_id, logprob)] if logprobs else None
                 events.append(chunk(j, {"content": piece}, entries=entries))
-        events.append(chunk(j, {}, completion.finish_reason))
+        events += [chunk(j, delta) for delta in _tool_call_deltas(calls)]
+        events.append(chunk(j, {}, finish_reason(completion, calls)))
     if usage is not None:
         events.append(_event({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}))
     events.append(_event("[DONE]"))

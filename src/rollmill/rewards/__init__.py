@@ -1,14 +1,22 @@
-"""Rewards: a weighted sum of registered functions, computed so that one bad sample never stops a run.
+"""Rewards: a weighted sum of functions, computed so that one bad sample never stops a run.
 
-`REWARDS` maps the names used in `reward.functions` to fn(completion, example, **kwargs) -> float.
+`REWARDS` maps the built-in names used in `reward.functions` to fn(completion, example, **kwargs)
+-> float. A user's own function is named as an entry point or `module:attr` / `file.py:attr`
+(rollmill.plugins) and may take one sample that way, or a batch the way TRL calls reward functions:
+fn(prompts=[...], completions=[...], answer=[...], <each meta column>=[...], **kwargs) -> list[float].
+Either form may be `async def`; samples of an async per-sample function are awaited concurrently.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
+from rollmill.plugins import resolve
 from rollmill.rewards.functions import REWARDS
 from rollmill.tasks import Example
 
@@ -45,14 +53,11 @@ def compute_rewards(completions: list[str], examples: list[Example], cfg: Reward
     failed = [False] * n
     errors: list[str] = []
     for key, spec in zip(keys, cfg.functions):
-        fn = REWARDS[spec.name]
-        for i, (completion, example) in enumerate(zip(completions, examples)):
-            try:
-                per_fn[key][i] = float(fn(completion, example, **spec.kwargs))
-            except Exception as err:  # any bug or bad input in a reward is that sample's failure only
-                failed[i] = True
-                message = " ".join(str(err).split())
-                errors.append(f"{spec.name}: {type(err).__name__}: {message}")
+        values, problems = _call(reward_function(spec.name), completions, examples, spec.kwargs)
+        per_fn[key] = values
+        for i, problem in problems.items():  # a bug or bad input in a reward is that sample's failure only
+            failed[i] = True
+            errors.append(f"{spec.name}: {problem}")
     total = [
         0.0 if failed[i] else sum(spec.weight * per_fn[key][i] for key, spec in zip(keys, cfg.functions))
         for i in range(n)
@@ -60,6 +65,86 @@ def compute_rewards(completions: list[str], examples: list[Example], cfg: Reward
     correct_values = per_fn[cfg.correct_name]
     correct = [not failed[i] and correct_values[i] >= 1.0 for i in range(n)]
     return RewardResult(total=total, correct=correct, failed=failed, per_fn=per_fn, errors=errors)
+
+
+def reward_function(name: str) -> Callable[..., Any]:
+    """The function `name` stands for: built-in, entry point (`rollmill.rewards`) or `module:attr`."""
+    return resolve(name, REWARDS, "reward function")
+
+
+def takes_batch(fn: Callable[..., Any]) -> bool:
+    """TRL's form (a `completions` list) rather than rollmill's (completion, example)."""
+    return "completions" in inspect.signature(fn).parameters
+
+
+def batch_columns(examples: list[Example]) -> dict[str, list]:
+    """What a batch-form reward gets besides prompts and completions: the reference answer, the
+    example id and every column of the examples' meta, one list entry per sample."""
+    names = sorted({k for e in examples for k in e.meta})
+    return {"answer": [e.answer for e in examples], "example_id": [e.id for e in examples],
+            **{k: [e.meta.get(k) for e in examples] for k in names}}
+
+
+def _call(fn, completions: list[str], examples: list[Example], kwargs: dict) -> tuple[list[float], dict[int, str]]:
+    """(value per sample, {sample index: failure}) for one reward function."""
+    n = len(completions)
+    if takes_batch(fn):
+        try:
+            values = _batch(fn, completions, examples, kwargs)
+            return values, {}
+        except Exception as err:
+            return [0.0] * n, {i: _describe(err) for i in range(n)}
+    if inspect.iscoroutinefunction(fn):
+        async def every_sample():
+            return await asyncio.gather(*(fn(c, e, **kwargs) for c, e in zip(completions, examples)),
+                                        return_exceptions=True)
+        outcomes = _run(every_sample())
+    else:
+        outcomes = []
+        for completion, example in zip(completions, examples):
+            try:
+                outcomes.append(fn(completion, example, **kwargs))
+            except Exception as err:
+                outcomes.append(err)
+    values, problems = [0.0] * n, {}
+    for i, outcome in enumerate(outcomes):
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            values[i] = float(outcome)
+        except Exception as err:
+            problems[i] = _describe(err)
+    return values, problems
+
+
+def _batch(fn, completions: list[str], examples: list[Example], kwargs: dict) -> list[float]:
+    params = inspect.signature(fn).parameters
+    given = {"prompts": [e.prompt for e in examples], "completions": completions, **batch_columns(examples), **kwargs}
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        given = {k: v for k, v in given.items() if k in params}
+    out = fn(**given)
+    if inspect.isawaitable(out):
+        out = _run(out)
+    values = [float(v) for v in out]
+    if len(values) != len(completions):
+        raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
+    return values
+
+
+def _run(awaitable) -> Any:
+    """Await from sync code; in a thread of its own when this thread already runs an event loop."""
+    async def wait():
+        return await awaitable
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(wait())
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, wait()).result()
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 @dataclass

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from tqdm import tqdm
-
 from rollmill.config import ConfigError, RunConfig, dump_config, load_config
+from rollmill.runtime.progress import StepProgress
 from rollmill.track import RunLogger, plot_run
 from rollmill.track.metrics import clear_run, run_files
 
@@ -125,14 +124,27 @@ def _run(job: Job, cfg: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
         else:
             eval_before, resume_step = state.get("eval_before"), job.step
     dump_config(cfg, run_dir / "config.yaml")
-    logger = RunLogger(run_dir, tensorboard=cfg.log.tensorboard, resume_step=resume_step)
+    logger = RunLogger(run_dir, cfg.log.trackers, resume_step, config=cfg.model_dump(mode="json", by_alias=True))
+    try:  # a crash still closes the trackers (an MLflow run would otherwise stay RUNNING)
+        eval_before, eval_after, interrupted = _steps(job, cfg, logger, eval_before)
+    finally:
+        logger.close()
+    plot_run(run_dir)
+    if interrupted:
+        log.info("interrupted: stopped after step %d with a checkpoint; continue with --resume", job.step)
+    return TrainResult(run_dir, eval_before, eval_after, job.step)
+
+
+def _steps(job: Job, cfg: RunConfig, logger: RunLogger, eval_before: dict | None) -> tuple[dict | None, dict | None, bool]:
+    """The training steps, with held-out evals and checkpoints on schedule: (eval before, eval after,
+    whether Ctrl-C stopped it)."""
     if job.step == 0 and cfg.eval.before:
         eval_before = job.evaluate()
         logger.log_metrics({"step": 0, **eval_before})
         log.info("held-out %s before training: %.3f", job.headline, eval_before[job.headline])
-    bar = tqdm(total=cfg.train.steps, initial=job.step, desc="train", disable=not cfg.log.progress, dynamic_ncols=True)
     eval_after = None
-    with _StopOnInterrupt() as interrupt:
+    progress = StepProgress(cfg.train.steps, job.step, job.headline, bar=cfg.log.progress)
+    with progress, _StopOnInterrupt() as interrupt:
         while job.step < cfg.train.steps and not interrupt.requested:
             record, samples = job.train_step()
             job.check_health(record)
@@ -146,15 +158,8 @@ def _run(job: Job, cfg: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
             if last or interrupt.requested or (cfg.checkpoint.every and job.step % cfg.checkpoint.every == 0):
                 path = job.save({"eval_before": eval_before})
                 log.info("step %d: checkpoint saved to %s", job.step, path)
-            bar.update(1)
-            bar.set_postfix(reward=f"{record.get('reward/mean', 0.0):.3f}", loss=f"{record.get('loss', 0.0):.4f}", **(
-                {"eval": f"{record[job.headline]:.3f}"} if job.headline in record else {}))
-    bar.close()
-    logger.close()
-    plot_run(run_dir)
-    if interrupt.requested:
-        log.info("interrupted: stopped after step %d with a checkpoint; continue with --resume", job.step)
-    return TrainResult(run_dir, eval_before, eval_after, job.step)
+            progress.step_done(job.step, record)
+    return eval_before, eval_after, interrupt.requested
 
 
 class _StopOnInterrupt:

@@ -130,7 +130,7 @@ def load_arithmetic(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
 
     def examples(split: str, pairs: list[tuple[str, str]]) -> list[Example]:
         return [
-            Example(id=f"{cfg.name}/{split}/{i}", prompt=with_instruction(q, cfg.instruction), answer=a)
+            Example(id=f"{cfg.name}/{split}/{i}", prompt=with_instruction(q, cfg.instruction_text), answer=a)
             for i, (q, a) in enumerate(pairs)
         ]
 

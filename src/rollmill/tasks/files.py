@@ -1,7 +1,11 @@
-"""Local task files (.jsonl, .json, .parquet), validated row by row before anything uses them.
+"""Local task data (.jsonl, .json, .parquet files, or a `datasets` folder written by
+`save_to_disk`), validated row by row before anything uses them.
 
-Errors name the file, the row and the field. Rows are named "line N" (1-based) for JSONL and for
-JSON syntax errors, and "row index N" (0-based) for JSON arrays and Parquet.
+A prompt is a string (the user message) or a chat: a list of {"role", "content"} messages ending
+with a user message, optionally opening with a system message. Every column besides the prompt and
+the answer is kept in `Example.meta`, so rewards receive it and samples show it. Errors name the
+file, the row and the field. Rows are named "line N" (1-based) for JSONL and for JSON syntax
+errors, and "row index N" (0-based) for JSON arrays, Parquet and dataset folders.
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ from rollmill.config import TaskConfig
 from rollmill.tasks import DataError, Example, with_instruction
 
 SUPPORTED = (".jsonl", ".json", ".parquet")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class Row(NamedTuple):
     index: int  # 0-based position among the file's records
     where: str  # "line 7" or "row index 6", for messages
-    prompt: str
+    prompt: str  # the text (the last user message, for a chat)
     answer: str
+    messages: tuple | None  # the chat, when the prompt is one
+    columns: dict  # every other field
 
 
 def _answer_text(value: str | int | float) -> str:
@@ -41,8 +48,12 @@ def _check(record: Any, index: int, where: str, path: Path, cfg: TaskConfig) -> 
         if name not in record:
             raise DataError(f"{path}: {where}: missing field {name!r} (fields: {sorted(record)})")
     prompt, answer = record[cfg.prompt_field], record[cfg.answer_field]
-    if not isinstance(prompt, str):
-        raise DataError(f"{path}: {where}: field {cfg.prompt_field!r} must be a string, got {type(prompt).__name__}")
+    messages = _chat(prompt, f"{path}: {where}: field {cfg.prompt_field!r}") if isinstance(prompt, list) else None
+    if messages is not None:
+        prompt = messages[-1]["content"]
+    elif not isinstance(prompt, str):
+        raise DataError(f"{path}: {where}: field {cfg.prompt_field!r} must be a string or a list of messages, "
+                        f"got {type(prompt).__name__}")
     if not prompt.strip():
         raise DataError(f"{path}: {where}: field {cfg.prompt_field!r} is empty")
     # bool is an int subclass, but True as a reference answer is a data bug, not the number 1.
@@ -52,7 +63,18 @@ def _check(record: Any, index: int, where: str, path: Path, cfg: TaskConfig) -> 
         )
     if not str(answer).strip():
         raise DataError(f"{path}: {where}: field {cfg.answer_field!r} is empty")
-    return Row(index, where, prompt, _answer_text(answer))
+    columns = {k: v for k, v in record.items() if k not in (cfg.prompt_field, cfg.answer_field)}
+    return Row(index, where, prompt, _answer_text(answer), messages, columns)
+
+
+def _chat(messages: list, where: str) -> tuple:
+    """A chat prompt, checked: messages with a known role and text content, the last one the user's."""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: message {i} must be {{'role': one of {list(ROLES)}, 'content': text}}, got {m!r}")
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError(f"{where}: a chat prompt must end with a user message")
+    return tuple({"role": m["role"], "content": m["content"]} for m in messages)
 
 
 def _read_jsonl(path: Path, cfg: TaskConfig) -> list[Row]:
@@ -88,19 +110,41 @@ def _read_parquet(path: Path, cfg: TaskConfig) -> list[Row]:
         table = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as err:  # pyarrow raises many types for a corrupt file; all mean "unreadable"
         raise DataError(f"{path}: cannot read as Parquet: {type(err).__name__}: {err}") from None
+    return _table_rows(table, path, cfg)
+
+
+def _read_dataset_folder(path: Path, cfg: TaskConfig, split: str) -> list[Row]:
+    """A folder written by `datasets`' save_to_disk: a Dataset, or a DatasetDict (its `split`)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise DataError(f"{path}: not a folder written by datasets' save_to_disk: {type(err).__name__}: {err}") from None
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"{path}: the dataset has no split {split!r} (splits: {sorted(data)})")
+        data = data[split]
+    return _table_rows(data, path, cfg)
+
+
+def _table_rows(table, path: Path, cfg: TaskConfig) -> list[Row]:
     for name in (cfg.prompt_field, cfg.answer_field):
         if name not in table.column_names:
             raise DataError(f"{path}: row index 0: missing field {name!r} (columns: {table.column_names})")
-    prompts, answers = table[cfg.prompt_field], table[cfg.answer_field]
-    return [
-        _check({cfg.prompt_field: p, cfg.answer_field: a}, i, f"row index {i}", path, cfg)
-        for i, (p, a) in enumerate(zip(prompts, answers))
-    ]
+    return [_check(record, i, f"row index {i}", path, cfg) for i, record in enumerate(table)]
 
 
-def read_rows(path_text: str, cfg: TaskConfig) -> list[Row]:
-    """Every row of one task file, validated; raises DataError on the first bad row."""
+def read_rows(path_text: str, cfg: TaskConfig, split: str = "train") -> list[Row]:
+    """Every row of one task file or dataset folder (its `split`), validated; raises DataError on
+    the first bad row."""
     path = Path(path_text)
+    if path.is_dir():
+        rows = _read_dataset_folder(path, cfg, split)
+        if not rows:
+            raise DataError(f"{path}: has no rows")
+        return rows
     if path.suffix not in SUPPORTED:
         raise DataError(f"{path}: unsupported extension {path.suffix!r}; allowed: {list(SUPPORTED)}")
     if not path.is_file():
@@ -116,19 +160,27 @@ def _examples(rows: list[Row], path: Path, split: str, cfg: TaskConfig) -> list[
     return [
         Example(
             id=f"{path.stem}/{split}/{r.index}",
-            prompt=with_instruction(r.prompt, cfg.instruction),
+            prompt=with_instruction(r.prompt, cfg.instruction_text),
             answer=r.answer,
-            meta={"file": str(path), "row": r.where},
+            meta={**r.columns, "file": str(path), "row": r.where},
+            messages=_with_instruction(r.messages, cfg.instruction_text),
         )
         for r in rows
     ]
+
+
+def _with_instruction(messages: tuple | None, instruction: str) -> tuple | None:
+    if messages is None or not instruction:
+        return messages
+    last = dict(messages[-1], content=with_instruction(messages[-1]["content"], instruction))
+    return (*messages[:-1], last)
 
 
 def load_files(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
     """(train, eval) from `cfg.path`; eval is all of `cfg.eval_path`, else `cfg.eval_size` held-out rows."""
     rows = read_rows(cfg.path, cfg)
     if cfg.eval_path:
-        eval_rows = read_rows(cfg.eval_path, cfg)
+        eval_rows = read_rows(cfg.eval_path, cfg, split="test")
         rest = rows
     else:
         if len(rows) <= cfg.eval_size:

@@ -33,7 +33,7 @@ def check_dataset_name(name: str) -> None:
 def _example(cfg: TaskConfig, split: str, index: int, entry: dict) -> Example:
     return Example(
         id=f"{cfg.name}/{split}/{index}",
-        prompt=with_instruction(entry["question"], cfg.instruction),
+        prompt=with_instruction(entry["question"], cfg.instruction_text),
         answer=str(entry["answer"]),
         meta={"rg_dataset": cfg.name, "entry": entry},
     )

@@ -1,4 +1,4 @@
-"""Run tracking: metrics and sample logs, TensorBoard, plots."""
+"""Run tracking: metrics and sample logs, trackers (TensorBoard, W&B, Trackio, MLflow), plots."""
 
 from rollmill.track.metrics import RunLogger, deterministic_metrics, read_jsonl
 from rollmill.track.plot import plot_run

@@ -1,4 +1,4 @@
-"""Run outputs: metrics.jsonl (one object per step), sample trajectories, TensorBoard events."""
+"""Run outputs: metrics.jsonl (one object per step), sample trajectories, and the trackers it mirrors to."""
 
 from __future__ import annotations
 
@@ -6,12 +6,17 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Sequence
+
+from rollmill.track.trackers import STATE_FILE, Trackers
 
 log = logging.getLogger(__name__)
 
 
-# What a run writes into its directory (besides other roles' files inside checkpoints/)
-RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "curves.png", "tensorboard", "checkpoints")
+# What a run writes into its directory (besides other roles' files inside checkpoints/); wandb/,
+# mlflow.db and trackers.json are its trackers' (rollmill.track.trackers)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "curves.png", "tensorboard", "wandb", "mlflow.db",
+             STATE_FILE, "checkpoints")
 
 
 def run_files(run_dir: Path) -> list[str]:
@@ -65,29 +70,23 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class RunLogger:
-    """Appends metrics and samples to the run directory; mirrors scalars to TensorBoard."""
+    """Appends metrics and samples to the run directory; mirrors each record's scalars to `trackers`
+    (names from `log.trackers`), which are opened with the run's resolved `config`."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, trackers: Sequence[str] = (), resume_step: int | None = None,
+                 config: dict | None = None):
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.samples_path = run_dir / "samples.jsonl"
         if resume_step is not None:
             _truncate_jsonl(self.metrics_path, resume_step)
             _truncate_jsonl(self.samples_path, resume_step)
-        self.tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+        self.trackers = Trackers(trackers, run_dir, config or {}, resume_step)
 
     def log_metrics(self, record: dict) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["step"])
-            self.tb.flush()
+        self.trackers.log(record["step"], scalars(record))
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
         with self.samples_path.open("a") as f:
@@ -95,5 +94,9 @@ class RunLogger:
                 f.write(json.dumps({"step": step, **s}, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        self.trackers.close()
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The numbers of a metrics record, less its step: what the trackers are sent."""
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
