@@ -100,3 +100,43 @@ def test_the_example_project_trains_from_yaml_alone(config, tmp_path, monkeypatc
             assert sample["columns"]["unit"] in {"m", "cm", "g", "min", "s"}
             expected = right_amount([sample["prompt"]], [sample["completion"]], [sample["answer"]], [sample["columns"]["unit"]])[0]
             assert sample["reward"] == pytest.approx(expected + 0.1 * short(sample["completion"], None))
+
+
+def mix_config(tiny_cfg):
+    return tiny_cfg(task={"mix": [{"source": "arithmetic", "name": "add_1digit", "weight": 3, "eval_size": 4, "train_size": 40},
+                                  {"source": "arithmetic", "name": "double", "label": "dbl", "eval_size": 4, "train_size": 20}]})
+
+
+def test_a_mix_draws_sources_by_weight_and_resumes_exactly(tiny_cfg):
+    from rollmill.pipelines.rlvr import PromptSource
+
+    cfg = mix_config(tiny_cfg)
+    source = PromptSource(cfg)
+    assert {e.meta["source"] for e in source.eval} == {"add_1digit", "dbl"} and len(source.train) == 60
+    first = source.next_groups(400, 1)
+    share = sum(g.payload.meta["source"] == "add_1digit" for g in first) / len(first)
+    assert 0.68 < share < 0.82  # weights 3:1
+    saved = source.state()
+    expected = [(g.group_id, g.payload.id) for g in source.next_groups(50, 1)]
+    again = PromptSource(cfg)
+    again.load_state(saved)
+    assert [(g.group_id, g.payload.id) for g in again.next_groups(50, 1)] == expected
+
+
+def test_a_mix_run_reports_every_source(tiny_cfg, tmp_path):
+    from rollmill.runtime import train
+
+    cfg = mix_config(tiny_cfg).model_copy(update={"train": tiny_cfg().train.model_copy(update={"steps": 2})})
+    train(cfg, tmp_path / "run")
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"eval/accuracy/add_1digit", "eval/accuracy/dbl"} <= set(last)
+    assert sum(v for k, v in last.items() if k.startswith("rollout/samples/")) == last["rollout/samples"]
+
+
+def test_mix_items_are_single_sources_with_distinct_labels(tiny_cfg):
+    from rollmill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="distinct labels"):
+        tiny_cfg(task={"mix": [{"name": "double"}, {"name": "double"}]})
+    with pytest.raises(ConfigError, match="may not have a mix"):
+        tiny_cfg(task={"mix": [{"mix": [{"name": "double"}]}]})

@@ -314,6 +314,7 @@ def test_gymnasium_adapter_frozenlake():
     env = make_env("gymnasium", env_id="FrozenLake-v1", action_names=["left", "down", "right", "up"], is_slippery=False)
     obs, info = env.reset(seed=0)
     assert "FHFH" in obs and info["state"] == "0"
+    assert "\x1b" not in obs and "[41m" not in obs  # gymnasium colours the agent's cell with ANSI escapes
     _, _, _, _, info = env.step("fly")
     assert info["invalid_action"] and info["state"] == "0"
     steps = play(env, ["DOWN", "1", "right", "down", "right", "right"])

@@ -46,6 +46,11 @@ def input_problems(cfg: RunConfig) -> Iterator[Problem]:
 def task_problems(task: TaskConfig) -> Iterator[Problem]:
     """An unknown generator or dataset name, or an eval split the generator cannot fill. Data files are
     checked row by row when they load, which is still before any model."""
+    for i, item in enumerate(task.mix):
+        yield from ((f"task.mix.{i}.{key.removeprefix('task.')}", value, message)
+                    for key, value, message in task_problems(item))
+    if task.mix:
+        return
     if task.source == "arithmetic":
         yield from arithmetic_problems(task)
     elif task.source == "reasoning_gym":

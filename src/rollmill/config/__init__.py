@@ -102,6 +102,19 @@ class TaskConfig(Strict):
                                     "files and user loaders)")
     system_prompt: str | None = None
     chat_template: bool = True
+    mix: list["TaskConfig"] = Field(default_factory=list, description="several sources in one run, each a task "
+                                    "config with a `weight` (its share of training prompts) and an optional `label`")
+    weight: float = Field(1.0, gt=0, description="within task.mix: this source's share of training prompts")
+    label: str | None = Field(None, description="within task.mix: its name in per-source metrics")
+
+    @property
+    def mix_label(self) -> str:
+        """This source's name in per-source metrics: `label`, else its task name or file stem."""
+        if self.label:
+            return self.label
+        if self.source == "file":
+            return Path(self.path).stem
+        return self.name if self.source in ("arithmetic", "reasoning_gym") else self.source
 
     @property
     def instruction_text(self) -> str:
@@ -114,6 +127,11 @@ class TaskConfig(Strict):
     def _path_for_file(self) -> "TaskConfig":
         if self.source == "file" and not self.path:
             raise ValueError("task.path is required when task.source is 'file'")
+        if any(item.mix for item in self.mix):
+            raise ValueError("task.mix items are single sources: a task.mix item may not have a mix of its own")
+        labels = [item.mix_label for item in self.mix]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"task.mix sources need distinct labels (got {labels}): set task.mix.N.label")
         return self
 
 

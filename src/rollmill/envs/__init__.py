@@ -4,6 +4,6 @@ Importing this package registers every built-in env, so `make_env(name, **kwargs
 """
 
 from rollmill.envs.base import ENVS, Env, EnvSpec, check_env_kwargs, make_env, register_env
-from rollmill.envs import adapters, calculator, frozenlake, guess, latency, sokoban, task_env, terminal  # noqa: F401  (register)
+from rollmill.envs import adapters, calculator, frozenlake, guess, harness, latency, sokoban, task_env, terminal  # noqa: F401  (register)
 
 __all__ = ["ENVS", "Env", "EnvSpec", "check_env_kwargs", "make_env", "register_env"]

@@ -5,10 +5,13 @@ Both libraries are optional; they are imported only when an adapter is built.
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Any
 
 from rollmill.envs.base import register_env
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 @register_env("gymnasium", "a gymnasium env with Discrete actions, shown through its ANSI rendering")
@@ -67,6 +70,8 @@ class GymnasiumTextEnv:
 
     def _observe(self, obs: Any) -> None:
         rendered = self.env.render()
+        if isinstance(rendered, str):  # ANSI renderings colour the agent's cell: escapes mean nothing to a model
+            rendered = ANSI_ESCAPE.sub("", rendered)
         self.text = rendered.strip("\n") if isinstance(rendered, str) and rendered.strip() else str(obs)
         self.state = repr(obs.tolist() if hasattr(obs, "tolist") else obs)
 

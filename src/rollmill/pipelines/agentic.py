@@ -65,8 +65,13 @@ class EnvEpisodes:
         agent, base = (self.eval_agent, self.eval_seed) if spec.eval else (self.agent, self.cfg.train.seed)
         traj = Trajectory(spec.group_id, index, spec.prompt_id, info={"env": self.cfg.env.name})
         clean = False
+        seed = sample_seed(base, spec.group_id, index)
         try:
-            traj = await agent.run_episode(env, traj, spec.payload, sample_seed(base, spec.group_id, index), ctx.generate)
+            if hasattr(env, "run_episode"):  # an env that plays whole episodes itself (the harness env)
+                traj = await env.run_episode(traj, spec.payload, seed, ctx.generate, tokenizer=agent.tokenizer,
+                                             sampling=agent.sampling, max_context_tokens=agent.cfg.max_context_tokens)
+            else:
+                traj = await agent.run_episode(env, traj, spec.payload, seed, ctx.generate)
             clean = traj.end_reason != "env_timeout"  # a hung call may still be using the env
         finally:
             if clean:

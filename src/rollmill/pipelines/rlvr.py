@@ -7,7 +7,8 @@ This file composes tasks, rewards, algos and the trainer; it holds no math of it
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import random
+from collections import OrderedDict, defaultdict
 
 import torch
 
@@ -24,27 +25,48 @@ from rollmill.types import GroupSpec, Row, Trajectory, Turn
 
 
 class PromptSource:
-    """Training prompts in a seeded order (epoch after epoch) and the held-out split; numbers groups."""
+    """Training prompts in a seeded order (epoch after epoch) and the held-out split; numbers groups.
+
+    With `task.mix`, each group first draws its source by the sources' weights (seeded by the group's
+    id, so resume and Ray draw the same), then takes that source's next prompt from its own cursor.
+    """
 
     def __init__(self, cfg: RunConfig):
         self.train, self.eval = load_task(cfg.task)
-        self.cursor = PromptCursor(len(self.train), seed=cfg.task.seed + cfg.train.seed)
+        seed = cfg.task.seed + cfg.train.seed
+        self.seed = seed
+        labels = [item.mix_label for item in cfg.task.mix] or [None]
+        self.weights = [item.weight for item in cfg.task.mix] or [1.0]
+        self.members = [[i for i, e in enumerate(self.train) if e.meta.get("source") == label] if label else
+                        list(range(len(self.train))) for label in labels]
+        self.cursors = [PromptCursor(len(m), seed=seed + k) for k, m in enumerate(self.members)]
         self.groups_started = 0
 
     def next_groups(self, count: int, samples: int) -> list[GroupSpec]:
-        specs = [GroupSpec(self.groups_started + k, i, self.train[i], tuple(range(samples)))
-                 for k, i in enumerate(self.cursor.take(count))]
+        specs = []
+        for k in range(count):
+            gid = self.groups_started + k
+            source = self._source(gid)
+            i = self.members[source][self.cursors[source].take(1)[0]]
+            specs.append(GroupSpec(gid, i, self.train[i], tuple(range(samples))))
         self.groups_started += count
         return specs
+
+    def _source(self, group_id: int) -> int:
+        if len(self.cursors) == 1:
+            return 0
+        return random.Random(f"{self.seed}/mix/{group_id}").choices(range(len(self.weights)), self.weights)[0]
 
     def eval_groups(self, samples: int) -> list[GroupSpec]:
         return [GroupSpec(i, i, ex, tuple(range(samples)), eval=True) for i, ex in enumerate(self.eval)]
 
     def state(self) -> dict:
-        return {"cursor": self.cursor.state(), "groups_started": self.groups_started}
+        states = [c.state() for c in self.cursors]
+        return {"cursor": states[0] if len(states) == 1 else states, "groups_started": self.groups_started}
 
     def load_state(self, state: dict) -> None:
-        self.cursor = PromptCursor(self.cursor.size, self.cursor.seed, **state["cursor"])
+        saved = state["cursor"] if isinstance(state["cursor"], list) else [state["cursor"]]
+        self.cursors = [PromptCursor(c.size, c.seed, **s) for c, s in zip(self.cursors, saved)]
         self.groups_started = state["groups_started"]
 
 
@@ -139,6 +161,7 @@ class RLVRPipeline(RLPipeline):
             "groups/zero_std_fraction": float((scores.std(dim=1) == 0).float().mean()) if scores.shape[1] > 1 else 1.0,
             "response_length/mean": sum(lengths) / len(lengths),
             "response_length/clipped_fraction": sum(t.end_reason == "length" for t in trajs) / len(trajs),
+            **per_source(trajs, "rollout/samples", "reward/mean", "accuracy/train"),
         }
 
     def sample_dump(self, traj: Trajectory, tokenizer) -> dict:
@@ -157,12 +180,30 @@ class RLVRPipeline(RLPipeline):
             "eval/accuracy": sum(t.success for t in trajs) / len(trajs),
             "eval/reward": sum(t.reward for t in trajs) / len(trajs),
             "eval/failed": float(sum(t.failed for t in trajs)),
+            **per_source(trajs, None, "eval/reward", "eval/accuracy"),
         }
         k = 2
         while k <= n:
             metrics[f"eval/pass@{k}"] = sum(pass_at_k(n, sum(t.success for t in g), k) for g in groups) / len(groups)
             k *= 2
         return metrics
+
+
+def per_source(trajs: list[Trajectory], count: str | None, reward: str, accuracy: str) -> dict[str, float]:
+    """`<name>/<source>` metrics of a `task.mix` run (nothing for one source): how many samples each
+    source had, their mean reward and accuracy."""
+    groups = defaultdict(list)
+    for t in trajs:
+        label = (t.info.get("columns") or {}).get("source")
+        if label is not None:
+            groups[label].append(t)
+    out = {}
+    for label, ts in sorted(groups.items()):
+        if count:
+            out[f"{count}/{label}"] = len(ts)
+        out[f"{reward}/{label}"] = sum(t.reward for t in ts) / len(ts)
+        out[f"{accuracy}/{label}"] = sum(t.success for t in ts) / len(ts)
+    return out
 
 
 def scored_batch(learner, groups: list[list[Trajectory]]) -> tuple[TrainBatch, torch.Tensor]:

@@ -39,8 +39,10 @@ def calls_to_trajectory(calls: list[ProxyCall], reward: float, *, prompt_id: int
     for k, call in enumerate(calls):
         sampled = call.choices[0]
         row = Row(prompt_ids=list(call.prompt_ids))
-        row.append_sampled(list(sampled.token_ids), list(sampled.logprobs),
-                           [sampled.policy_version] * len(sampled.token_ids), turn=k)
+        # per-token versions where the rollout driver filled them (a reply continued across a weight
+        # update), else the engine's one version for the whole reply
+        versions = list(sampled.versions) or [sampled.policy_version] * len(sampled.token_ids)
+        row.append_sampled(list(sampled.token_ids), list(sampled.logprobs), versions, turn=k)
         traj.rows.append(row)
         traj.turns.append(Turn(reply=sampled.text, action=sampled.text, observation="",
                                reward=reward if k == len(calls) - 1 else 0.0, state=None, progress=None,

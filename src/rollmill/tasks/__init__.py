@@ -41,6 +41,8 @@ BUILTIN_SOURCES = ("arithmetic", "reasoning_gym", "file")
 
 def load_task(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
     """(train, eval) for `cfg`. Deterministic for cfg.seed; no eval prompt appears in train."""
+    if cfg.mix:
+        return load_mix(cfg)
     if cfg.source == "arithmetic":
         return load_arithmetic(cfg)
     # Imported on demand: `datasets` and `reasoning_gym` take seconds to import.
@@ -53,6 +55,24 @@ def load_task(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
 
         return load_files(cfg)
     return load_user_source(cfg)
+
+
+def load_mix(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
+    """Every source of `cfg.mix`, each example's meta naming its source (`source`: the label), so
+    sampling can weight the sources and metrics can be split by them."""
+    train: list[Example] = []
+    held_out: list[Example] = []
+    for item in cfg.mix:
+        label = item.mix_label
+        item_train, item_eval = load_task(item)
+        train += [_labelled(e, label) for e in item_train]
+        held_out += [_labelled(e, label) for e in item_eval]
+    return train, held_out
+
+
+def _labelled(example: Example, label: str) -> Example:
+    return Example(f"{label}/{example.id}", example.prompt, example.answer, {**example.meta, "source": label},
+                   example.messages)
 
 
 def load_user_source(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:

@@ -30,7 +30,7 @@ class HarnessEpisode:
 
 def run_harness_episode(backend: SandboxBackend, proxy, socket_path: str, task: TerminalTask, session: str,
                         harness: Path = MINI_AGENT, env: dict[str, str] | None = None,
-                        seed: int = 0, group_id: int = 0) -> HarnessEpisode:
+                        seed: int = 0, group_id: int = 0, index: int = 0) -> HarnessEpisode:
     """Start `task`, run `harness` (a python3 script) in it with the proxy socket bound in, verify
     (always, even after a harness timeout), and build the trajectory from the session's calls."""
     sid = start_task(backend, task, mounts=[Mount(source=socket_path, target=SOCKET_IN_SANDBOX)])
@@ -44,6 +44,6 @@ def run_harness_episode(backend: SandboxBackend, proxy, socket_path: str, task: 
     finally:
         backend.destroy(sid)
     calls = proxy.pop_calls(session)
-    traj = calls_to_trajectory(calls, verdict.reward, prompt_id=seed, group_id=group_id,
+    traj = calls_to_trajectory(calls, verdict.reward, prompt_id=seed, group_id=group_id, index=index,
                                success=verdict.reward >= 1.0, env_name=f"harness:{task.name}")
     return HarnessEpisode(traj, run, verdict)
