@@ -53,10 +53,13 @@ class EpisodeEngine:
         self.sampling, self.sample_seed, self.max_context_tokens = sampling, sample_seed, max_context_tokens
         self.calls = 0
         self.version = 0  # the policy version of the last reply (the proxy's /health shows it)
+        self.closed = False  # the episode was cancelled or timed out: its harness gets no more replies
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, seed: int | None = None) -> list[Completion]:
         """One completion of the one prompt, under the run's sampling (see the module docstring).
         A ValueError is the proxy's 400 to the harness."""
+        if self.closed:
+            raise ValueError("the episode is over (cancelled or timed out)")
         if len(prompts) != 1 or sampling.n != 1:
             raise ValueError("a training harness asks for one completion per call (n=1)")
         params = replace(self.sampling, max_new_tokens=min(sampling.max_new_tokens, self.sampling.max_new_tokens),
@@ -71,14 +74,16 @@ class EpisodeEngine:
         return [completion]
 
 
-@register_env("harness", "an external agent harness (python3 script) solves terminal tasks through the model proxy; reward from the task's verifier")
+@register_env("harness", "an external agent harness (python3 script) solves terminal tasks through the model "
+                          "proxy; reward from the task's verifier")
 class HarnessEnv:
     """Episodes of terminal tasks (`tasks` dir, `names` like the terminal env) played by `harness`
     (a python3 script, by default the bundled mini agent) with `harness_env` extra environment variables;
     seed s plays task `s % len(tasks)`. `backend` is a local sandbox backend name: the proxy's socket
     is bound into the sandbox, so a remote sandbox server cannot reach it."""
 
-    instructions = ""  # the harness writes its own prompts
+    # not shown to the model: the harness writes its own prompts
+    instructions = "An external agent harness solves the task's instruction in a sandbox; its verifier decides."
 
     def __init__(self, tasks: str | None = None, names: list[str] | None = None, backend: str = "bwrap",
                  harness: str | None = None, harness_env: dict[str, str] | None = None):
@@ -96,13 +101,17 @@ class HarnessEnv:
             raise ValueError(f"no terminal tasks in {tasks or builtin_tasks_dir()}")
         self.backend_name = backend
         self.harness = Path(harness) if harness else MINI_AGENT
+        if not self.harness.is_file():
+            raise ValueError(f"harness script {self.harness} does not exist")
         self.harness_env = {k: str(v) for k, v in (harness_env or {}).items()}
 
     def reset(self, seed: int | None = None) -> tuple[str, dict[str, Any]]:
-        raise TypeError("the harness env plays whole episodes (run_episode); it has no reset/step")
+        """The instruction seed `seed`'s episode hands the harness (nothing is started)."""
+        task = self.tasks[(seed or 0) % len(self.tasks)]
+        return task.instruction.strip(), {"state": (task.name, 0), "success": False, "task": task.name}
 
     def step(self, action: str):
-        raise TypeError("the harness env plays whole episodes (run_episode); it has no reset/step")
+        raise TypeError("the harness env plays whole episodes (run_episode); there are no steps to take")
 
     async def run_episode(self, traj: Trajectory, env_seed: int, sample_seed: int, generate: Generate, *,
                           tokenizer, sampling: SamplingParams, max_context_tokens: int) -> Trajectory:
@@ -111,7 +120,11 @@ class HarnessEnv:
         task = self.tasks[env_seed % len(self.tasks)]
         engine = EpisodeEngine(generate, asyncio.get_running_loop(), sampling, sample_seed, max_context_tokens)
         deadline = task.setup_timeout_s + task.agent_timeout_s + task.verifier_timeout_s + SLACK_S
-        result = await call_env(self._play, (task, engine, tokenizer, traj), deadline)
+        try:
+            result = await call_env(self._play, (task, engine, tokenizer, traj), deadline)
+        finally:
+            # a harness still running in its abandoned thread must not keep sampling for a dead episode
+            engine.closed = True
         if not result.ok:
             traj.failed, traj.end_reason = True, "env_timeout" if result.timed_out else "env_error"
             traj.error = "the harness episode timed out" if result.timed_out else result.error
@@ -135,13 +148,13 @@ class HarnessEnv:
         finally:
             proxy.stop()
             shutil.rmtree(socket_dir, ignore_errors=True)
-        return _finished(episode, traj)
+        return _finished(episode, traj, task)
 
 
-def _finished(episode, traj: Trajectory) -> Trajectory:
+def _finished(episode, traj: Trajectory, task: TerminalTask) -> Trajectory:
     """The proxy's trajectory with the pipeline's info; an episode without a model call cannot train."""
     out = episode.trajectory
-    out.info = {**traj.info, "task": out.info["env"].split(":", 1)[1],
+    out.info = {**traj.info, "task": task.name,
                 "verifier_status": episode.verdict.status.value, "harness_exit_code": episode.harness.exit_code}
     limit = "agent_timeout" if episode.harness.status.value == "timeout" else episode.verdict.limit
     if limit is not None:  # named limits become end/limit_* metrics, as the terminal env's do
