@@ -11,25 +11,14 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from rollmill.models import build_char_tokenizer, build_tiny_model
 from rollmill.proxy import ModelProxy
 from rollmill.proxy.stream import token_pieces
-from rollmill.rollout import Completion, HFEngine
+from rollmill.rollout import Completion
 
-from test_proxy import RecordingEngine, template_ids, user_turn
+from test_proxy import RecordingEngine, hf_engine, template_ids, tok, user_turn  # noqa: F401 (fixtures)
 
 SEED = 7
 ERROR_KEYS = {"message", "type", "param", "code"}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def hf_engine(tok):
-    return HFEngine(build_tiny_model(len(tok), seed=1).eval(), tok)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from rollmill.envs.base import register_env
 from rollmill.envs.terminal import shared_backend
 from rollmill.rollout.engine import Completion, Request, SamplingParams
 from rollmill.rollout.sampling import request_seed
-from rollmill.terminal.task import TerminalTask, builtin_tasks_dir, load_tasks
+from rollmill.terminal.task import TerminalTask, select_tasks
 from rollmill.types import Trajectory
 
 Generate = Callable[[Request], Awaitable[Completion]]
@@ -91,14 +91,7 @@ class HarnessEnv:
 
         if backend == "remote":
             raise ValueError("the harness env needs a local sandbox backend (the proxy socket is bound in)")
-        self.tasks: list[TerminalTask] = load_tasks(tasks or builtin_tasks_dir())
-        if names is not None:
-            unknown = sorted(set(names) - {t.name for t in self.tasks})
-            if unknown:
-                raise ValueError(f"unknown terminal tasks {unknown}; allowed: {[t.name for t in self.tasks]}")
-            self.tasks = [t for t in self.tasks if t.name in names]
-        if not self.tasks:
-            raise ValueError(f"no terminal tasks in {tasks or builtin_tasks_dir()}")
+        self.tasks: list[TerminalTask] = select_tasks(tasks, names)
         self.backend_name = backend
         self.harness = Path(harness) if harness else MINI_AGENT
         if not self.harness.is_file():

@@ -23,7 +23,7 @@ from typing import Any
 
 from rollmill.envs.base import register_env
 from rollmill.sandbox import SandboxError, make_backend
-from rollmill.terminal.task import TerminalTask, builtin_tasks_dir, load_tasks, start_task, verify
+from rollmill.terminal.task import TerminalTask, select_tasks, start_task, verify
 
 TOOLS = """You are working in a Linux shell sandbox (no network); your files are in /workspace.
 Call exactly one tool per reply:
@@ -106,14 +106,7 @@ class TerminalEnv:
     def __init__(self, tasks: str | None = None, names: list[str] | None = None, backend: str = "bwrap",
                  backend_url: str | None = None, max_steps: int = 8, command_timeout_s: float = 10.0, agent_timeout_s: float | None = None,
                  observation_chars: int = 1500):
-        self.tasks: list[TerminalTask] = load_tasks(tasks or builtin_tasks_dir())
-        if names is not None:
-            unknown = sorted(set(names) - {t.name for t in self.tasks})
-            if unknown:
-                raise ValueError(f"unknown terminal tasks {unknown}; allowed: {[t.name for t in self.tasks]}")
-            self.tasks = [t for t in self.tasks if t.name in names]
-        if not self.tasks:
-            raise ValueError(f"no terminal tasks in {tasks or builtin_tasks_dir()}")
+        self.tasks: list[TerminalTask] = select_tasks(tasks, names)
         self.backend_name, self.backend_url = backend, backend_url
         self.max_steps, self.command_timeout_s = max_steps, command_timeout_s
         self.agent_timeout_s, self.observation_chars = agent_timeout_s, observation_chars

@@ -166,6 +166,20 @@ def load_tasks(directory: str | Path) -> list[TerminalTask]:
     return [load_task(d) for d in sorted(dirs, key=lambda d: d.name)]
 
 
+def select_tasks(directory: str | Path | None, names: list[str] | None = None) -> list[TerminalTask]:
+    """The tasks under `directory` (default: the built-in ones), only `names` when given; raises
+    ValueError naming unknown names or an empty selection."""
+    tasks = load_tasks(directory or builtin_tasks_dir())
+    if names is not None:
+        unknown = sorted(set(names) - {t.name for t in tasks})
+        if unknown:
+            raise ValueError(f"unknown terminal tasks {unknown}; allowed: {[t.name for t in tasks]}")
+        tasks = [t for t in tasks if t.name in names]
+    if not tasks:
+        raise ValueError(f"no terminal tasks in {directory or builtin_tasks_dir()}")
+    return tasks
+
+
 def builtin_tasks_dir() -> Path:
     """The tasks shipped with rollmill."""
     return Path(__file__).resolve().parent / "tasks"
