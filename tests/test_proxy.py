@@ -205,15 +205,19 @@ def test_sessions_are_separated_and_pop_calls_forgets_them(served):
     assert proxy.calls() == []
 
 
+class StopStringEngine:
+    """Always replies "ab</a>", finished by the stop string `</a>` (as an engine reports it)."""
+
+    def __init__(self, tok, version: int = 0):
+        self.tok, self.version = tok, version
+
+    def generate(self, prompts, sampling, seed=None):
+        ids = self.tok("ab</a>", add_special_tokens=False)["input_ids"]
+        return [Completion(0, prompts[0], ids, [-1.0] * len(ids), "ab</a>", "stop", self.version)]
+
+
 def test_reply_content_ends_before_the_stop_string_but_the_record_keeps_it(tok):
-    class FixedEngine:
-        version = 3
-
-        def generate(self, prompts, sampling, seed=None):
-            ids = tok("ab</a>", add_special_tokens=False)["input_ids"]
-            return [Completion(0, prompts[0], ids, [-1.0] * len(ids), "ab</a>", "stop", self.version)]
-
-    proxy = ModelProxy(FixedEngine(), tok)
+    proxy = ModelProxy(StopStringEngine(tok, version=3), tok)
     url = proxy.serve()
     try:
         reply = httpx.post(url + "/v1/chat/completions", json={"messages": [user_turn("hi")], "stop": "</a>"}).json()

@@ -13,9 +13,8 @@ from transformers import PreTrainedTokenizerFast
 
 from rollmill.proxy import ModelProxy
 from rollmill.proxy.stream import token_pieces
-from rollmill.rollout import Completion
 
-from test_proxy import RecordingEngine, hf_engine, template_ids, tok, user_turn  # noqa: F401 (fixtures)
+from test_proxy import RecordingEngine, StopStringEngine, hf_engine, template_ids, tok, user_turn  # noqa: F401 (fixtures)
 
 SEED = 7
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -104,14 +103,7 @@ def test_openai_client_streams_n_choices_with_usage(serve):
 
 
 def test_streamed_content_ends_before_the_stop_string(tok):
-    class FixedEngine:
-        version = 0
-
-        def generate(self, prompts, sampling, seed=None):
-            ids = tok("ab</a>", add_special_tokens=False)["input_ids"]
-            return [Completion(0, prompts[0], ids, [-1.0] * len(ids), "ab</a>", "stop", self.version)]
-
-    proxy = ModelProxy(FixedEngine(), tok)
+    proxy = ModelProxy(StopStringEngine(tok), tok)
     url = proxy.serve()
     try:
         body = {"messages": [user_turn("hi")], "stop": "</a>", "stream": True}

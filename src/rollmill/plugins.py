@@ -1,10 +1,10 @@
 """User code named in a config: rewards, envs and task sources outside the package.
 
 A name in `reward.functions[].name`, `env.name` or `task.source` is looked up in three places, in
-order: rollmill's own registry; Python entry points an installed package declares (groups
-`rollmill.rewards`, `rollmill.envs`, `rollmill.tasks`); and a reference to an object,
+order: rollmill's own registry; a reference to an object (a name with a colon),
 `package.module:attr` (importable) or `path/to/file.py:attr` (a file, relative to the working
-directory). So a project keeps its reward in its own file and names it in YAML; no launcher script
+directory); and Python entry points an installed package declares (groups `rollmill.rewards`,
+`rollmill.envs`, `rollmill.tasks`). So a project keeps its reward in its own file and names it in YAML; no launcher script
 has to edit a registry first.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 GROUPS = {"reward function": "rollmill.rewards", "env": "rollmill.envs", "task source": "rollmill.tasks"}
+_LOADED: dict[tuple[str, str], Any] = {}  # (group, entry point name) -> the object it loaded
 
 
 class PluginError(ValueError):
@@ -37,17 +38,20 @@ def installed(what: str) -> dict[str, str]:
 
 
 def resolve(name: str, registry: dict[str, Any], what: str) -> Any:
-    """The object `name` stands for: registry entry, entry point, or `module:attr` / `file.py:attr`."""
+    """The object `name` stands for: registry entry, `module:attr` / `file.py:attr`, or entry point."""
     if name in registry:
         return registry[name]
-    plugins = {ep.name: ep for ep in entry_points(group=GROUPS[what])}
-    if name in plugins:
-        return _load_entry_point(plugins[name], what)
     if is_reference(name):
         return load_reference(name, what)
-    known = sorted(registry) + sorted(plugins)
-    raise PluginError(f"unknown {what} {name!r}; allowed: {known}, or your own as 'package.module:attr' "
-                      f"or 'path/to/file.py:attr'")
+    key = (GROUPS[what], name)
+    if key not in _LOADED:  # scanning installed packages' metadata takes ms: once per name, not per sample
+        plugins = {ep.name: ep for ep in entry_points(group=GROUPS[what])}
+        if name not in plugins:
+            known = sorted(registry) + sorted(plugins)
+            raise PluginError(f"unknown {what} {name!r}; allowed: {known}, or your own as 'package.module:attr' "
+                              f"or 'path/to/file.py:attr'")
+        _LOADED[key] = _load_entry_point(plugins[name], what)
+    return _LOADED[key]
 
 
 def load_reference(ref: str, what: str) -> Any:
@@ -72,13 +76,18 @@ def _import(module: str, what: str) -> Any:
                           f"or did you mean a file, 'path/to/{module.replace('.', '/')}.py:attr'?)") from None
 
 
-@functools.lru_cache(maxsize=None)
 def _load_file(path: str, what: str) -> Any:
-    """Import a .py file once per process under a stable private module name (so pickling by Ray
-    workers and repeated lookups find the same module)."""
     file = Path(path).expanduser().resolve()
     if not file.is_file():
         raise PluginError(f"{what} file {path!r} does not exist (looked at {file})")
+    return _import_file(file, what)
+
+
+@functools.lru_cache(maxsize=None)
+def _import_file(file: Path, what: str) -> Any:
+    """Import a .py file once per process (keyed by its absolute path, so the same relative name
+    from another working directory is another file) under a stable private module name, so
+    repeated lookups and Ray workers unpickling its functions find the same module."""
     name = f"rollmill_user_{file.stem}_{hashlib.sha256(str(file).encode()).hexdigest()[:8]}"
     spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
@@ -87,7 +96,7 @@ def _load_file(path: str, what: str) -> Any:
         spec.loader.exec_module(module)
     except Exception as err:
         del sys.modules[name]
-        raise PluginError(f"{what} file {path!r} failed to import: {type(err).__name__}: {err}") from err
+        raise PluginError(f"{what} file {str(file)!r} failed to import: {type(err).__name__}: {err}") from err
     return module
 
 

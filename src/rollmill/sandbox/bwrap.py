@@ -157,7 +157,8 @@ class BwrapBackend:
                 close_all(box.mounts)
                 box.mounts = []
                 box.fs.destroy()
-        remove_tree(self.root / sandbox_id)
+        else:  # a leftover of another process: no handles to close, just its mounts and files
+            remove_tree(self.root / sandbox_id)
         self._owner_file(sandbox_id).unlink(missing_ok=True)
 
     def reset(self, sandbox_id: str) -> None:
