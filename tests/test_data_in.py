@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,101 @@ def test_mix_items_are_single_sources_with_distinct_labels(tiny_cfg):
         tiny_cfg(task={"mix": [{"name": "double"}, {"name": "double"}]})
     with pytest.raises(ConfigError, match="may not have a mix"):
         tiny_cfg(task={"mix": [{"mix": [{"name": "double"}]}]})
+
+
+@pytest.fixture
+def hf_caches(tmp_path, monkeypatch):
+    """Empty `datasets` and Hub caches in tmp_path, in place of ~/.cache/huggingface; the Hub left
+    switched on (as a user's process would have it) and every connection attempt recorded and refused."""
+    datasets = pytest.importorskip("datasets")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[:2])
+        raise OSError("this test has no network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    yield tmp_path
+    assert attempts == [], f"a cached hub dataset reached for the network: {attempts}"
+    assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == (False, False)  # restored
+
+
+def units_rows(n: int) -> list[dict]:
+    return [{"question": f"How many units in {i}?", "solution": i, "level": i % 3} for i in range(n)]
+
+
+def fill_datasets_cache(root: Path, repo: str, splits: dict[str, list[dict]]) -> None:
+    """The folder `datasets.load_dataset(repo)` leaves in HF_DATASETS_CACHE after an online load:
+    <org>___<name>/default/0.0.0/<commit>/ with one Arrow file per split and dataset_info.json."""
+    from datasets.packaged_modules.json.json import Json
+
+    files = {split: write_jsonl(root / f"{split}.jsonl", rows) for split, rows in splits.items()}
+    org, name = repo.split("/")
+    builder = Json(cache_dir=str(root / "stage"), dataset_name=name, data_files={k: [v] for k, v in files.items()},
+                   hash="5f1c0ffee")
+    builder.download_and_prepare()
+    # The builder named its config after these local files; an online load names it "default".
+    target = root / "datasets" / f"{org}___{name}" / "default"
+    target.parent.mkdir(parents=True)
+    Path(builder.cache_dir).parent.parent.rename(target)
+
+
+def fill_hub_cache(root: Path, repo: str, splits: dict[str, list[dict]]) -> None:
+    """What `huggingface-cli download --repo-type dataset repo` leaves in HF_HUB_CACHE: blobs, a
+    snapshot of symlinks to them named by the commit, and refs/main naming that commit."""
+    datasets = pytest.importorskip("datasets")
+    repo_dir = root / "hub" / ("datasets--" + repo.replace("/", "--"))
+    commit = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    (repo_dir / "blobs").mkdir()
+    for split, rows in splits.items():
+        blob = repo_dir / "blobs" / f"blob-{split}"
+        datasets.Dataset.from_list(rows).to_parquet(str(blob))
+        link = repo_dir / "snapshots" / commit / "data" / f"{split}-00000-of-00001.parquet"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path("../../..") / "blobs" / blob.name)
+
+
+def test_a_hub_dataset_from_the_datasets_cache_offline(hf_caches):
+    fill_datasets_cache(hf_caches, "acme/units", {"train": units_rows(8), "test": units_rows(11)[8:]})
+    cfg = TaskConfig(source="hub", name="acme/units", prompt_field="question", answer_field="solution",
+                     eval_split="test")
+    train, held_out = load_task(cfg)
+    assert [e.answer for e in train] == [str(i) for i in range(8)] and [e.answer for e in held_out] == ["8", "9", "10"]
+    assert train[3].prompt == "How many units in 3?"  # a user's data gets no instruction by default
+    assert train[3].meta == {"level": 0, "dataset": "acme/units", "split": "train", "row": "row index 3"}
+    assert held_out[0].id == "units/eval/0" and held_out[0].meta["split"] == "test"
+    with pytest.raises(DataError, match=r"task.eval_split 'validation': dataset 'acme/units' has no such split "
+                                        r"\(splits: \['test', 'train'\]\)"):
+        load_task(cfg.model_copy(update={"eval_split": "validation"}))
+
+
+def test_a_hub_dataset_from_the_hub_file_cache_offline(hf_caches):
+    fill_hub_cache(hf_caches, "acme/calc", {"train": units_rows(12)})
+    train, held_out = load_task(TaskConfig(source="hub", name="acme/calc", prompt_field="question",
+                                           answer_field="solution", eval_size=4, train_size=5))
+    assert len(train) == 5 and len(held_out) == 4
+    assert not {e.prompt for e in train} & {e.prompt for e in held_out}
+    assert {e.meta["dataset"] for e in train + held_out} == {"acme/calc"}
+
+
+def test_a_hub_dataset_missing_from_both_caches_says_where_it_looked(hf_caches):
+    with pytest.raises(DataError, match=r"task.name 'acme/absent': not in the local Hugging Face caches "
+                                        r"\(datasets cache .*datasets.*hub cache .*hub: no snapshot\).*huggingface-cli "
+                                        r"download --repo-type dataset acme/absent"):
+        load_task(TaskConfig(source="hub", name="acme/absent"))
+
+
+def test_hub_settings_are_checked_at_load():
+    with pytest.raises(ValueError, match="task.eval_split applies only to task.source 'hub'"):
+        TaskConfig(source="file", path="x.jsonl", eval_split="test")
+    saved = TaskConfig(source="file", path="x.jsonl").model_dump()  # every key, as run_dir/config.yaml has it
+    assert TaskConfig(**saved).split == "train"

@@ -176,7 +176,8 @@ def cmd_algos(args) -> int:
          {**{k: _first_line(f) for k, f in REWARDS.items()}, **_plugins("reward function")}),
         ("task sources (task.source; or your own loader as module:attr or file.py:attr)",
          {"arithmetic": "built-in generators (task.name)", "reasoning_gym": "a reasoning-gym dataset (task.name)",
-          "file": "a JSONL or Parquet file (task.path)", **_plugins("task source")}),
+          "file": "a JSONL/JSON/Parquet file or datasets folder (task.path)",
+          "hub": "a Hugging Face Hub dataset in the local cache, read offline (task.name)", **_plugins("task source")}),
     ]
     for title, entries in sections:
         print(title)

@@ -13,7 +13,8 @@ class TaskConfig(Strict):
     """Where prompts and reference answers come from, and the held-out split.
 
     source `arithmetic` uses a built-in generator (`name` picks it), `reasoning_gym` a reasoning-gym
-    dataset (`name` is its dataset name), `file` a local JSONL or Parquet file at `path`. Any other
+    dataset (`name` is its dataset name), `file` a local JSONL or Parquet file at `path`, `hub` a
+    Hugging Face Hub dataset already in the local cache (`name` is "org/dataset"; read offline). Any other
     source is a user's loader, an entry point (`rollmill.tasks`) or `module:attr` / `file.py:attr`
     (rollmill.plugins), called with this config and returning (train, eval) rows.
     """
@@ -22,6 +23,10 @@ class TaskConfig(Strict):
     name: str = "larger_of_two"
     path: str | None = None
     eval_path: str | None = None
+    subset: str | None = Field(None, description="source hub: the dataset's subset (its config name)")
+    split: str = Field("train", description="source hub: the split that trains")
+    eval_split: str | None = Field(None, description="source hub: the split that evaluates; unset: a seeded "
+                                   "hold-out of eval_size rows of `split`")
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     train_size: int = Field(2000, gt=0)
@@ -44,6 +49,8 @@ class TaskConfig(Strict):
             return self.label
         if self.source == "file":
             return Path(self.path).stem
+        if self.source == "hub":
+            return self.name.split("/")[-1]
         return self.name if self.source in ("arithmetic", "reasoning_gym") else self.source
 
     @property
@@ -57,6 +64,11 @@ class TaskConfig(Strict):
     def _path_for_file(self) -> "TaskConfig":
         if self.source == "file" and not self.path:
             raise ValueError("task.path is required when task.source is 'file'")
+        # Checked by value, not by which keys were given: a saved config (run_dir/config.yaml) holds every key.
+        hub_only = [k for k, unset in (("subset", None), ("split", "train"), ("eval_split", None))
+                    if getattr(self, k) != unset]
+        if self.source != "hub" and hub_only:
+            raise ValueError(f"task.{hub_only[0]} applies only to task.source 'hub' (source is {self.source!r})")
         if any(item.mix for item in self.mix):
             raise ValueError("task.mix items are single sources: a task.mix item may not have a mix of its own")
         labels = [item.mix_label for item in self.mix]

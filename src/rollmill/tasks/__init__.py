@@ -1,4 +1,5 @@
-"""Prompts with reference answers: built-in arithmetic, reasoning-gym datasets, or local files.
+"""Prompts with reference answers: built-in arithmetic, reasoning-gym datasets, local files, cached hub
+datasets, or a user's loader.
 
 `load_task` returns (train, eval) lists of `Example`. Every source keeps the eval split held out
 (no eval prompt appears in train) and is deterministic for `TaskConfig.seed`.
@@ -36,7 +37,7 @@ def with_instruction(question: str, instruction: str) -> str:
 from rollmill.tasks.arithmetic import ARITHMETIC_TASKS, load_arithmetic  # noqa: E402
 
 
-BUILTIN_SOURCES = ("arithmetic", "reasoning_gym", "file")
+BUILTIN_SOURCES = ("arithmetic", "reasoning_gym", "file", "hub")
 
 
 def load_task(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
@@ -54,6 +55,10 @@ def load_task(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
         from rollmill.tasks.files import load_files
 
         return load_files(cfg)
+    if cfg.source == "hub":
+        from rollmill.tasks.hub import load_hub
+
+        return load_hub(cfg)
     return load_user_source(cfg)
 
 

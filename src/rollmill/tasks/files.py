@@ -40,7 +40,7 @@ def _answer_text(value: str | int | float) -> str:
     return str(value)
 
 
-def _check(record: Any, index: int, where: str, path: Path, cfg: TaskConfig) -> Row:
+def _check(record: Any, index: int, where: str, path: Path | str, cfg: TaskConfig) -> Row:
     if not isinstance(record, dict):
         got = type(record).__name__
         raise DataError(f"{path}: {where}: expected an object with field {cfg.prompt_field!r}, got {got}")
@@ -110,7 +110,7 @@ def _read_parquet(path: Path, cfg: TaskConfig) -> list[Row]:
         table = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as err:  # pyarrow raises many types for a corrupt file; all mean "unreadable"
         raise DataError(f"{path}: cannot read as Parquet: {type(err).__name__}: {err}") from None
-    return _table_rows(table, path, cfg)
+    return table_rows(table, path, cfg)
 
 
 def _read_dataset_folder(path: Path, cfg: TaskConfig, split: str) -> list[Row]:
@@ -126,10 +126,11 @@ def _read_dataset_folder(path: Path, cfg: TaskConfig, split: str) -> list[Row]:
         if split not in data:
             raise DataError(f"{path}: the dataset has no split {split!r} (splits: {sorted(data)})")
         data = data[split]
-    return _table_rows(data, path, cfg)
+    return table_rows(data, path, cfg)
 
 
-def _table_rows(table, path: Path, cfg: TaskConfig) -> list[Row]:
+def table_rows(table, path: Path | str, cfg: TaskConfig) -> list[Row]:
+    """Every row of a `datasets` table, validated; `path` names it in errors."""
     for name in (cfg.prompt_field, cfg.answer_field):
         if name not in table.column_names:
             raise DataError(f"{path}: row index 0: missing field {name!r} (columns: {table.column_names})")
@@ -156,13 +157,15 @@ def read_rows(path_text: str, cfg: TaskConfig, split: str = "train") -> list[Row
     return rows
 
 
-def _examples(rows: list[Row], path: Path, split: str, cfg: TaskConfig) -> list[Example]:
+def to_examples(rows: list[Row], name: str, split: str, origin: dict, cfg: TaskConfig) -> list[Example]:
+    """Examples with ids `name/split/index`, the instruction applied, and `origin` (where the rows came
+    from) added to each meta."""
     return [
         Example(
-            id=f"{path.stem}/{split}/{r.index}",
+            id=f"{name}/{split}/{r.index}",
             prompt=with_instruction(r.prompt, cfg.instruction_text),
             answer=r.answer,
-            meta={**r.columns, "file": str(path), "row": r.where},
+            meta={**r.columns, **origin, "row": r.where},
             messages=_with_instruction(r.messages, cfg.instruction_text),
         )
         for r in rows
@@ -176,25 +179,33 @@ def _with_instruction(messages: tuple | None, instruction: str) -> tuple | None:
     return (*messages[:-1], last)
 
 
-def load_files(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
-    """(train, eval) from `cfg.path`; eval is all of `cfg.eval_path`, else `cfg.eval_size` held-out rows."""
-    rows = read_rows(cfg.path, cfg)
-    if cfg.eval_path:
-        eval_rows = read_rows(cfg.eval_path, cfg, split="test")
-        rest = rows
-    else:
+def split_rows(rows: list[Row], eval_rows: list[Row] | None, cfg: TaskConfig, where: str,
+               eval_knob: str) -> tuple[list[Row], list[Row]]:
+    """(train, eval) rows: eval is all of `eval_rows` when given, else a seeded hold-out of
+    `cfg.eval_size` rows; train drops any row whose prompt is held out, then keeps `cfg.train_size`.
+    `eval_knob` is the setting that names an eval source instead, for the error message."""
+    if eval_rows is None:
         if len(rows) <= cfg.eval_size:
             raise DataError(
-                f"{cfg.path}: has {len(rows)} rows, needs more than task.eval_size={cfg.eval_size} to hold out "
-                "an eval split; lower task.eval_size or set task.eval_path"
+                f"{where}: has {len(rows)} rows, needs more than task.eval_size={cfg.eval_size} to hold out "
+                f"an eval split; lower task.eval_size or set {eval_knob}"
             )
         picked = set(random.Random(f"{cfg.seed}/eval").sample(range(len(rows)), cfg.eval_size))
         eval_rows = [r for r in rows if r.index in picked]
-        rest = [r for r in rows if r.index not in picked]
+        rows = [r for r in rows if r.index not in picked]
     # Duplicate prompts in a file would otherwise leak eval prompts into train.
     held_out = {r.prompt for r in eval_rows}
-    train_rows = [r for r in rest if r.prompt not in held_out][: cfg.train_size]
+    train_rows = [r for r in rows if r.prompt not in held_out][: cfg.train_size]
     if not train_rows:
-        raise DataError(f"{cfg.path}: no train rows left after holding out the eval prompts")
+        raise DataError(f"{where}: no train rows left after holding out the eval prompts")
+    return train_rows, eval_rows
+
+
+def load_files(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
+    """(train, eval) from `cfg.path`; eval is all of `cfg.eval_path`, else `cfg.eval_size` held-out rows."""
+    rows = read_rows(cfg.path, cfg)
+    eval_rows = read_rows(cfg.eval_path, cfg, split="test") if cfg.eval_path else None
+    train_rows, eval_rows = split_rows(rows, eval_rows, cfg, cfg.path, "task.eval_path")
     eval_file = Path(cfg.eval_path or cfg.path)
-    return _examples(train_rows, Path(cfg.path), "train", cfg), _examples(eval_rows, eval_file, "eval", cfg)
+    return (to_examples(train_rows, Path(cfg.path).stem, "train", {"file": cfg.path}, cfg),
+            to_examples(eval_rows, eval_file.stem, "eval", {"file": str(eval_file)}, cfg))
