@@ -227,3 +227,72 @@ def test_env_tokens_never_receive_gradient(tok):
     # and the trained ids are the engine's sampled ids, in order
     sampled = batch.input_ids[:, batch.prompt_width:][batch.mask == 1].tolist()
     assert sampled == [t for tr in trajs for t in tr.trained_tokens()]
+
+
+def scripted_generate(tok, script: list[str]):
+    """An engine stand-in for one episode: reply k of the script at call k; records each prompt."""
+    prompts = []
+
+    async def generate(request):
+        text = script[len(prompts)]
+        prompts.append(list(request.prompt_ids))
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return Completion(0, list(request.prompt_ids), ids, [-0.5] * len(ids), text, "stop", 0,
+                          request_id=request.id, versions=[0] * len(ids))
+
+    return generate, prompts
+
+
+def play_from(tok, prefix, boundary, script, env=None):
+    import asyncio
+
+    from rollmill.types import Trajectory
+
+    generate, prompts = scripted_generate(tok, script)
+    agent = loop_for(None, tok)
+    traj = Trajectory(0, 1, 0)
+    traj = asyncio.run(agent.run_episode(env or make_env("frozenlake"), traj, 0, 1, generate, prefix, boundary))
+    return traj, prompts
+
+
+def test_a_resampled_episode_replays_the_prefix_and_samples_only_after_the_boundary(tok):
+    detour = ["down", "down", "left", "right", "down", "right", "right"]  # one wasted move, still solves it
+    prefix, _ = play_from(tok, None, 0, detour)
+    assert prefix.success and prefix.num_turns == 7
+    traj, prompts = play_from(tok, prefix, 3, ["right", "down", "right", "right"])
+    assert traj.success and [t.action for t in traj.turns] == detour[:3] + ["right", "down", "right", "right"]
+    assert [t.observation for t in traj.turns[:3]] == [t.observation for t in prefix.turns[:3]]
+    assert [t.reward for t in traj.turns[:3]] == [t.reward for t in prefix.turns[:3]]
+    row, source = traj.rows[0], prefix.rows[0]
+    # the first generation continues exactly the context episode 0 had before its turn 3
+    before_turn_3 = source.turn_of_token.index(3)
+    assert prompts[0] == source.prompt_ids + source.token_ids[:before_turn_3]
+    assert row.token_ids[:before_turn_3] == source.token_ids[:before_turn_3]
+    assert not any(row.mask[:before_turn_3])  # the prefix trains once, in episode 0
+    sampled = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in ["right", "down", "right", "right"]]
+    assert traj.trained_tokens() == [t for ids in sampled for t in ids]
+    assert {row.turn_of_token[i] for i, m in enumerate(row.mask) if m} == {3, 4, 5, 6}
+
+
+class Drifting:
+    """An env whose answers depend on how often it was stepped since it was built, not on its seed."""
+
+    instructions = "drift"
+
+    def __init__(self):
+        self.calls = 0
+
+    def reset(self, seed=None):
+        return "start", {}
+
+    def step(self, action):
+        self.calls += 1
+        return f"call {self.calls}", 0.0, False, False, {}
+
+
+def test_resampling_on_an_env_that_does_not_replay_fails_the_episode(tok):
+    env = Drifting()
+    prefix, _ = play_from(tok, None, 0, list("abcdefgh"), env=env)  # max_turns 8
+    traj, prompts = play_from(tok, prefix, 2, ["x"], env=env)
+    assert traj.failed and traj.end_reason == "env_error" and prompts == []
+    assert "replay of turn 0 of episode 1: the env answered differently" in traj.error

@@ -1,5 +1,6 @@
 """The agentic pipeline end to end on a tiny model: run dir, credits, resume, broken envs, config errors."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,40 @@ def test_each_credit_trains_and_fills_the_run_dir(agentic, tmp_path, credit):
     assert (tmp_path / "run" / "curves.png").is_file()
     if credit == "ipa":
         assert "mismatch/dropped_tokens" in last
+
+
+def test_attention_credit_trains_episodes(agentic, tmp_path):
+    cfg = agentic(algorithm={"credit": "preplan_anchor"}, env={"name": "guess_number", "kwargs": {"low": 1, "high": 4}},
+                  train={"seed": 1, "steps": 2})
+    train(cfg, tmp_path / "run")
+    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    assert any(r["grad_norm"] > 0 for r in records)
+
+
+@pytest.mark.parametrize("mode", [{}, {"max_staleness": 1}])
+def test_ipa_resampled_episodes_restart_from_a_chunk_boundary(agentic, tmp_path, mode):
+    """In lockstep (sync) and asynchronous rollout alike: the resampled episode waits for episode 0 of its
+    group without stalling its peers, then replays it up to the boundary and trains only what follows."""
+    cfg = agentic(agent={"credit": "ipa", "ipa_resample": 1, "max_turns": 4},
+                  env={"name": "guess_number", "kwargs": {"low": 1, "high": 9}},
+                  rollout={"group_size": 3}, train={"seed": 1, "steps": 2}, log={"samples_per_step": 6},
+                  **{"async": mode})
+    train(cfg, tmp_path / "run")
+    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    resampled = [s for s in read_jsonl(tmp_path / "run" / "samples.jsonl") if "resampled_from" in s]
+    assert sum(r["episode/resampled"] for r in records) > 0 and resampled
+    for sample in resampled:
+        k = sample["resampled_from"]["boundary"]
+        assert sample["resampled_from"]["episode"] == 0 and 1 <= k < 4 and len(sample["turns"]) > k
+
+
+def test_ipa_resample_settings_are_checked(agentic):
+    with pytest.raises(ConfigError, match="agent.ipa_resample=1 needs agent.credit 'ipa'"):
+        agentic(agent={"ipa_resample": 1})
+    with pytest.raises(ConfigError, match="must be below rollout.group_size=3"):
+        agentic(agent={"credit": "ipa", "ipa_resample": 3})
 
 
 def test_agentic_resume_reproduces_a_straight_run(agentic, straight_and_resumed):

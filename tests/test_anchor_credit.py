@@ -52,3 +52,27 @@ def test_training_with_anchor_credit_runs(tiny_cfg, tmp_path, make_job):
     record, _ = job.train_step()
     assert math.isfinite(record["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_agentic_rows_gate_only_the_policys_tokens():
+    """An episode row interleaves replies (mask 1) with env text (mask 0): the top fraction is taken
+    over each row's reply tokens alone, and env text keeps its advantage of 0."""
+    tok = build_char_tokenizer()
+    model = build_tiny_model(len(tok), seed=0)
+    g = torch.Generator().manual_seed(1)
+    rows, advs = [], []
+    for replies, env in ((4, 5), (6, 2), (3, 7)):
+        row = Row(torch.randint(3, 90, (3,), generator=g).tolist())
+        for turn in range(2):
+            row.append_sampled(torch.randint(3, 90, (replies,), generator=g).tolist(), [-1.0] * replies, [0] * replies,
+                               turn)
+            row.append_env(torch.randint(3, 90, (env,), generator=g).tolist())
+        rows.append(row)
+        advs.append([1.0 if m else 0.0 for m in row.mask])
+    batch = build_batch(rows, advs, pad_id=2)
+    algo = AlgorithmConfig(credit="fai", credit_kappa=1.0, credit_top_q=0.3)
+    adv = anchor_scaled_advantages(model, batch, algo, micro_batch_size=2)
+    mask = batch.mask.bool()
+    assert torch.all(adv[~mask] == 0)
+    assert torch.all((adv[mask] == 1.0) | (adv[mask] == 2.0))
+    assert (adv == 2.0).sum(-1).tolist() == [math.ceil(0.3 * 2 * n) for n in (4, 6, 3)]

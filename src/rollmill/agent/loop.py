@@ -62,9 +62,12 @@ class Agent:
         return "\n".join(line for line in lines if line)
 
     async def run_episode(self, env: Env, traj: Trajectory, env_seed: int, sample_seed: int,
-                          generate: Generate) -> Trajectory:
+                          generate: Generate, prefix: Trajectory | None = None, boundary: int = 0) -> Trajectory:
         """Play `traj` (empty, with its ids set) on `env` reset with `env_seed`; turn t samples with
         seed `request_seed(sample_seed, t)`.
+
+        With `prefix` (an episode of the same env seed) and `boundary` k > 0 the episode starts from the
+        state after the prefix's first k turns (IPA's chunk-level initialized resampling, see `_replay`).
 
         With env tools a reply's first native tool call (`rollmill.agent.tools`) is the action, as
         `{"name", "arguments"}` JSON, and the env's answer goes back in the `tool` role; a reply
@@ -83,7 +86,9 @@ class Agent:
         if chat.tools:
             traj.info["tool_calls"] = []
         traj.rows.append(Row(chat.prompt(self._messages(traj, turn=0))))
-        for turn in range(self.cfg.max_turns):
+        if boundary and not await self._replay(env, traj, prefix, boundary, chat):
+            return traj
+        for turn in range(boundary, self.cfg.max_turns):
             if not self._prepare_context(traj, turn, chat):
                 return traj
             completion = await generate(Request(tuple(traj.rows[-1].context), self.sampling,
@@ -96,11 +101,39 @@ class Agent:
                                                                  self.cfg.action_tag)
             traj.rows[-1].append_sampled(completion.token_ids, completion.logprobs, completion.versions, turn)
             result = await call_env(env.step, (action,), self.timeout) if action is not None else None
-            self._record(traj, completion, action, result, turn)
+            self._record(traj, completion.text, completion.finish_reason, action, result, turn)
             if traj.end_reason != "running":
                 return traj
         traj.end_reason = "max_turns"
         return traj
+
+    async def _replay(self, env: Env, traj: Trajectory, prefix: Trajectory, boundary: int,
+                      chat: ChatFormat | PlainFormat) -> bool:
+        """Replay `prefix`'s first `boundary` turns on `env`, just reset with the prefix's seed.
+
+        Its replies enter the row as env tokens (they train once, in `prefix`), its actions step the env,
+        and each turn must come back with the observation and reward the prefix got: an env that is not
+        deterministic for its seed fails the episode (False) instead of training on a state that never was."""
+        for turn in range(boundary):
+            if not self._prepare_context(traj, turn, chat):
+                return False
+            done = prefix.turns[turn]
+            source_row = prefix.rows[done.row]
+            reply_ids = [t for t, k in zip(source_row.token_ids, source_row.turn_of_token) if k == turn]
+            traj.rows[-1].append_env(reply_ids)
+            if chat.tools:
+                traj.info["tool_calls"].append(prefix.info["tool_calls"][turn])
+            result = await call_env(env.step, (done.action,), self.timeout) if done.action is not None else None
+            self._record(traj, done.reply, done.finish_reason, done.action, result, turn)
+            if traj.failed:
+                return False
+            again = traj.turns[-1]
+            if (again.observation, again.reward) != (done.observation, done.reward) or traj.end_reason != "running":
+                traj.failed, traj.end_reason = True, "env_error"
+                traj.error = (f"replay of turn {turn} of episode {prefix.index}: the env answered differently "
+                              "(resampling from a chunk boundary needs an env that is deterministic for its seed)")
+                return False
+        return True
 
     def _messages(self, traj: Trajectory, turn: int) -> list[dict]:
         """The conversation the model sees before `turn`, under the context policy."""
@@ -139,23 +172,23 @@ class Agent:
             return False
         return True
 
-    def _record(self, traj: Trajectory, completion: Completion, action: str | None, result: CallResult | None,
-                turn: int) -> None:
+    def _record(self, traj: Trajectory, reply: str, finish_reason: str, action: str | None,
+                result: CallResult | None, turn: int) -> None:
         state_before = traj.info.get("state")
         if action is None:
-            traj.turns.append(Turn(completion.text, None, f"Invalid action. {self.format_line}", self.cfg.invalid_action_penalty,
-                                   state_before, None, True, len(traj.rows) - 1, completion.finish_reason))
+            traj.turns.append(Turn(reply, None, f"Invalid action. {self.format_line}", self.cfg.invalid_action_penalty,
+                                   state_before, None, True, len(traj.rows) - 1, finish_reason))
             return
         if not result.ok or not _is_step_result(result.value):
-            traj.turns.append(Turn(completion.text, action, "", 0.0, state_before, None, False, len(traj.rows) - 1,
-                                   completion.finish_reason))
+            traj.turns.append(Turn(reply, action, "", 0.0, state_before, None, False, len(traj.rows) - 1,
+                                   finish_reason))
             self._fail(traj, result, f"step {turn}")
             return
         obs, reward, terminated, truncated, info = result.value
         invalid = bool(info.get("invalid_action", False))
         reward = float(reward) + (self.cfg.invalid_action_penalty if invalid else 0.0)
-        traj.turns.append(Turn(completion.text, action, obs, reward, state_before, info.get("progress"), invalid,
-                               len(traj.rows) - 1, completion.finish_reason))
+        traj.turns.append(Turn(reply, action, obs, reward, state_before, info.get("progress"), invalid,
+                               len(traj.rows) - 1, finish_reason))
         traj.info["state"] = info.get("state", state_before)
         if terminated or truncated:
             traj.success = bool(info.get("success", terminated and reward > 0))

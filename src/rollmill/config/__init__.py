@@ -301,11 +301,16 @@ class RunConfig(Strict):
         a = self.algorithm
         unsupported = {"algorithm.advantage='gae' (a critic)": a.advantage == "gae",
                        "algorithm.kl_placement='reward'": a.kl_placement == "reward" and a.kl_coef > 0,
-                       f"algorithm.credit={a.credit!r}": a.credit != "none",
                        "filters.dynamic_sampling": self.filters.dynamic_sampling}
         bad = [name for name, on in unsupported.items() if on]
         if bad:
             raise ValueError(f"pipeline 'agentic' does not support {bad}; agent.credit picks the agentic credit rule")
+        if self.agent.ipa_resample and self.agent.credit != "ipa":
+            raise ValueError(f"agent.ipa_resample={self.agent.ipa_resample} needs agent.credit 'ipa' "
+                             f"(got {self.agent.credit!r})")
+        if self.agent.ipa_resample >= self.rollout.group_size:
+            raise ValueError(f"agent.ipa_resample={self.agent.ipa_resample} must be below rollout.group_size="
+                             f"{self.rollout.group_size}: episode 0 of each group plays from the start")
         return self
 
 

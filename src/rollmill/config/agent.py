@@ -45,5 +45,7 @@ class AgentConfig(Strict):
     gigpo_scale_by_std: bool = Field(True, description="divide GiGPO's two terms by their group std")
     ipa_failure_reward: float | None = Field(None, description="IPA return of failed episodes; None = 0")
     ipa_mismatch_bound: float | None = Field(5.0, gt=0.0, description="drop chunks whose engine/trainer ratio exceeds this")
+    ipa_resample: int = Field(0, ge=0, description="IPA chunk-level initialized resampling: this many of each group's "
+                              "episodes restart from a random chunk boundary of the group's episode 0 (env replayed)")
     tp_eta: float = Field(1.0, gt=0.0, description="TurningPoint: scale of the aggregated reward at turning points")
     tp_balance: bool = Field(True, description="TurningPoint: keep as many positive as negative turning points")

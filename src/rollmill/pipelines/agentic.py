@@ -7,6 +7,9 @@ A group is `group_size` episodes of one env seed. `EnvSeedSource` runs on the dr
 
 from __future__ import annotations
 
+import asyncio
+import random
+
 import torch
 
 from rollmill.agent import Agent
@@ -16,6 +19,7 @@ from rollmill.pipelines.base import EpisodeContext, RLPipeline
 from rollmill.pipelines.common import EVAL_SEED_BASE, env_seed, sample_seed, sampling_params, step_seed
 from rollmill.train import build_batch
 from rollmill.train.agent_credit import token_advantages, turn_advantages
+from rollmill.train.anchor_credit import anchor_scaled_advantages
 from rollmill.types import GroupSpec, Trajectory
 
 END_REASONS = ("terminated", "max_turns", "context", "env_truncated", "env_error", "env_timeout")
@@ -59,29 +63,81 @@ class EnvEpisodes:
                                                                       max_new_tokens=cfg.eval.max_new_tokens), timeout)
         self.eval_seed = step_seed(cfg.train.seed, -1)
         self._free: list = []
+        self.resample = cfg.agent.ipa_resample
+        self._prefixes = _Prefixes()
 
     async def run(self, spec: GroupSpec, index: int, ctx: EpisodeContext) -> Trajectory:
-        env = self._free.pop() if self._free else make_env(self.cfg.env.name, **self.cfg.env.kwargs)
         agent, base = (self.eval_agent, self.eval_seed) if spec.eval else (self.agent, self.cfg.train.seed)
+        seed = sample_seed(base, spec.group_id, index)
+        prefix, boundary = await self._resample_point(spec, index, seed, ctx)
+        env = self._free.pop() if self._free else make_env(self.cfg.env.name, **self.cfg.env.kwargs)
         traj = Trajectory(spec.group_id, index, spec.prompt_id, info={"env": self.cfg.env.name})
         clean = False
-        seed = sample_seed(base, spec.group_id, index)
         try:
             if hasattr(env, "run_episode"):  # an env that plays whole episodes itself (the harness env)
                 traj = await env.run_episode(traj, spec.payload, seed, ctx.generate, tokenizer=agent.tokenizer,
                                              sampling=agent.sampling, max_context_tokens=agent.cfg.max_context_tokens)
             else:
-                traj = await agent.run_episode(env, traj, spec.payload, seed, ctx.generate)
+                traj = await agent.run_episode(env, traj, spec.payload, seed, ctx.generate, prefix, boundary)
+            if boundary:
+                traj.info["resampled_from"] = {"episode": prefix.index, "boundary": boundary}
             clean = traj.end_reason != "env_timeout"  # a hung call may still be using the env
         finally:
             if clean:
                 self._free.append(env)
+            if self._is_prefix(spec, index):
+                self._prefixes.publish((spec.group_id, spec.attempt), traj if clean else None)
         return traj
+
+    def _is_prefix(self, spec: GroupSpec, index: int) -> bool:
+        return self.resample > 0 and not spec.eval and index == 0
+
+    async def _resample_point(self, spec: GroupSpec, index: int, seed: int,
+                              ctx: EpisodeContext) -> tuple[Trajectory | None, int]:
+        """For one of the group's last `agent.ipa_resample` episodes: episode 0 of the group, once it
+        ended, and a chunk boundary k drawn uniformly from 1..K-1 of its K turns (seeded by this episode's
+        sample seed). (None, 0), a start from the env's initial state, for every other episode, and when
+        episode 0 is not part of this launch, failed, or has fewer than two turns."""
+        group = self.cfg.rollout.group_size
+        if not (self.resample and not spec.eval and group - self.resample <= index < group and 0 in spec.indices):
+            return None, 0
+        prefix = await self._prefixes.get((spec.group_id, spec.attempt), ctx, readers=self.resample)
+        if prefix is None or prefix.failed or prefix.num_turns < 2:
+            return None, 0
+        return prefix, random.Random(seed).randint(1, prefix.num_turns - 1)
 
     def close(self) -> None:
         for env in self._free:
             getattr(env, "close", lambda: None)()
         self._free.clear()
+
+
+class _Prefixes:
+    """Episode 0 of each training group, handed to the group's resampled episodes once it ended."""
+
+    def __init__(self):
+        self._waiting: dict[tuple, list] = {}  # (group id, attempt) -> [future, readers still to come]
+
+    def _entry(self, key: tuple, readers: int) -> list:
+        if key not in self._waiting:
+            self._waiting[key] = [asyncio.get_running_loop().create_future(), readers]
+        return self._waiting[key]
+
+    def publish(self, key: tuple, traj: Trajectory | None) -> None:
+        future = self._entry(key, readers=0)[0]
+        if not future.done():
+            future.set_result(traj)
+
+    async def get(self, key: tuple, ctx: EpisodeContext, readers: int) -> Trajectory | None:
+        """The episode published under `key`; the entry is dropped once all its `readers` have it."""
+        entry = self._entry(key, readers)
+        entry[1] = max(entry[1], readers)
+        try:
+            return await ctx.wait(asyncio.shield(entry[0]))
+        finally:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                self._waiting.pop(key, None)
 
 
 class AgenticPipeline(RLPipeline):
@@ -112,6 +168,10 @@ class AgenticPipeline(RLPipeline):
             rows.extend(traj.rows)
             advs.extend(token_advantages(traj, adv))
         batch = build_batch(rows, advs, learner.pad_id)
+        if cfg.algorithm.credit != "none":
+            # Env text is off the mask, so only the policy's own tokens compete for the gate.
+            batch.advantages = anchor_scaled_advantages(learner.model, batch, cfg.algorithm,
+                                                        cfg.train.micro_batch_size)
         metrics = learner.trainer.step(batch)
         learner.after_update(metrics, None, batch)
         metrics["train/rows"] = float(batch.size)
@@ -129,6 +189,7 @@ class AgenticPipeline(RLPipeline):
         return {
             "seed": traj.prompt_id, "group": traj.group_id, "reward": traj.reward, "success": traj.success,
             "end_reason": traj.end_reason, "error": traj.error, "initial_observation": traj.initial_observation,
+            **({"resampled_from": traj.info["resampled_from"]} if "resampled_from" in traj.info else {}),
             "turns": [{"reply": t.reply, "action": t.action, "reward": t.reward, "invalid": t.invalid,
                        "observation": t.observation} for t in traj.turns],
             "trained_view": [_marked_text(row, tokenizer) for row in traj.rows],
@@ -157,6 +218,7 @@ def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "episode/invalid_rate": sum(t.invalid_actions for t in trajs) / max(turns, 1),
         "episode/failed": float(sum(t.failed for t in trajs)),
         "episode/reply_tokens": sum(t.sampled_tokens for t in trajs) / n,
+        "episode/resampled": sum("resampled_from" in t.info for t in trajs) / n,
     }
     for reason in END_REASONS:
         metrics[f"end/{reason}"] = sum(t.end_reason == reason for t in trajs) / n

@@ -25,10 +25,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EpisodeContext:
-    """What the rollout worker lends one sample: replies from its engine, scores from the reward workers."""
+    """What the rollout worker lends one sample: replies from its engine, scores from the reward workers,
+    and `wait`, for awaiting anything else that may take long (another sample of the group)."""
 
     generate: Callable[[Request], Awaitable[Completion]]
     score: Callable[[str, Any], Awaitable[Score]]
+    step_out: Callable[[], None] = lambda: None  # leave the lockstep wave while not generating
+    step_in: Callable[[], None] = lambda: None  # join it again
+
+    async def wait(self, awaitable: Awaitable) -> Any:
+        """Await `awaitable` outside the lockstep wave, so peers that generate in lockstep do not wait
+        for this sample meanwhile (they would wait forever for one that waits on them)."""
+        self.step_out()
+        try:
+            return await awaitable
+        finally:
+            self.step_in()
 
 
 class Source(Protocol):

@@ -47,6 +47,10 @@ class Wave:
         self._waiting[member] = (request, future, tag)
         self._maybe_release()
 
+    def join(self, member: Hashable) -> None:
+        """A member (back) in lockstep: from now on the others wait for its requests too."""
+        self.live.add(member)
+
     def leave(self, member: Hashable) -> None:
         """A member ended (or failed): the others no longer wait for it."""
         self.live.discard(member)

@@ -145,7 +145,10 @@ class _Samples:
 
         outbox = self.worker._outbox
         try:
-            traj = await self.worker.episodes.run(spec, index, EpisodeContext(generate, self.worker.rewards.score))
+            ctx = EpisodeContext(generate, self.worker.rewards.score)
+            if wave is not None:
+                ctx.step_out, ctx.step_in = (lambda: wave.leave(member)), (lambda: wave.join(member))
+            traj = await self.worker.episodes.run(spec, index, ctx)
         except asyncio.CancelledError:
             return None
         except Exception as err:  # noqa: BLE001  a bug in episode code: the driver raises it
