@@ -22,7 +22,8 @@ class AlgorithmConfig(Strict):
     clip_eps: float = Field(0.2, gt=0.0)
     kl_coef: float = Field(0.0, ge=0.0)
     kl_estimator: str = "k3"
-    track_kl: bool = Field(True, description="keep a frozen reference to report KL even when kl_coef is 0")
+    track_kl: bool = Field(False, description="keep a frozen reference to report KL even when kl_coef is 0 "
+                           "(a reference forward per step, only to log it)")
     kl_placement: Literal["loss", "reward"] = Field("loss", description="KL as a loss term or as a reward penalty")
     kl_target: float | None = Field(None, gt=0.0, description="adapt kl_coef toward this KL (Ziegler); None = fixed")
     kl_horizon: int = Field(10000, gt=0, description="adaptive KL horizon, in samples")
