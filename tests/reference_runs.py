@@ -28,6 +28,7 @@ _RLVR = {
     "reward": {"functions": [{"name": "format", "kwargs": {"pattern": ".*[0-9].*"}}, {"name": "first_integer"}]},
     "rollout": {"prompts_per_step": 2, "group_size": 4, "sampling": {"max_new_tokens": 6}},
     "train": {"steps": 3, "lr": 1e-2, "micro_batch_size": 3},
+    "algorithm": {"track_kl": True},  # recorded when KL was tracked by default: `kl` is in its metrics
     "checkpoint": {"every": 0},
     "eval": {"every": 3},
     "log": {"progress": False, "trackers": []},
@@ -38,8 +39,8 @@ CONFIGS = {
     "rlvr_dynamic_ppo_epochs": {**_RLVR, "filters": {"dynamic_sampling": True, "max_refill_rounds": 2},
                                 "rollout": {"prompts_per_step": 3, "group_size": 2, "sampling": {"max_new_tokens": 6}},
                                 "train": {**_RLVR["train"], "ppo_epochs": 2, "mini_batch_size": 4},
-                                "algorithm": {"name": "dapo"}},
-    "rlvr_critic": {**_RLVR, "algorithm": {"name": "ppo"}},
+                                "algorithm": {"name": "dapo", "track_kl": True}},
+    "rlvr_critic": {**_RLVR, "algorithm": {"name": "ppo", "track_kl": True}},
     "agentic": {
         "name": "ref-agentic", "pipeline": "agentic", "model": {"source": "tiny"},
         "env": {"name": "frozenlake", "kwargs": {"size": 4, "slippery": False, "view": "cell"}, "eval_episodes": 4},
@@ -47,6 +48,7 @@ CONFIGS = {
                   "format_hint": False, "credit": "gigpo"},
         "rollout": {"prompts_per_step": 2, "group_size": 4, "sampling": {"max_new_tokens": 2}},
         "train": {"steps": 3, "lr": 3e-3, "micro_batch_size": 8},
+        "algorithm": {"track_kl": True},
         "checkpoint": {"every": 0},
         "eval": {"every": 3},
         "log": {"progress": False, "trackers": []},

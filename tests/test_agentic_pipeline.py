@@ -104,7 +104,7 @@ def test_ipa_resampled_episodes_restart_from_a_chunk_boundary(agentic, tmp_path,
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
     resampled = [s for s in read_jsonl(tmp_path / "run" / "samples.jsonl") if "resampled_from" in s]
-    assert sum(r["episode/resampled"] for r in records) > 0 and resampled
+    assert sum(r.get("episode/resampled", 0) for r in records) > 0 and resampled
     for sample in resampled:
         k = sample["resampled_from"]["boundary"]
         assert sample["resampled_from"]["episode"] == 0 and 1 <= k < 4 and len(sample["turns"]) > k

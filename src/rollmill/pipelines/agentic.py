@@ -218,8 +218,10 @@ def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "episode/invalid_rate": sum(t.invalid_actions for t in trajs) / max(turns, 1),
         "episode/failed": float(sum(t.failed for t in trajs)),
         "episode/reply_tokens": sum(t.sampled_tokens for t in trajs) / n,
-        "episode/resampled": sum("resampled_from" in t.info for t in trajs) / n,
     }
+    resampled = sum("resampled_from" in t.info for t in trajs)
+    if resampled:  # only runs with agent.ipa_resample have the key
+        metrics["episode/resampled"] = resampled / n
     for reason in END_REASONS:
         metrics[f"end/{reason}"] = sum(t.end_reason == reason for t in trajs) / n
     for limit in sorted({t.info["limit"] for t in trajs if "limit" in t.info}):
