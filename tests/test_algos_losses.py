@@ -248,10 +248,16 @@ def call(name, logp, old, adv, mask, **params):
 def expected_grad(name, logp, old, adv, mask):
     """Analytic d(sum_t m*l)/d logp with every token unclipped (ratios near 1, default params)."""
     r = (logp - old).exp()
-    if name in ("ppo_clip", "gspo", "gspo_token"):
+    if name in ("ppo_clip", "gspo", "gspo_token", "gmpo"):
+        # gmpo: every token of row i carries l_i = -A_i s_i, so sum_t l_i has the gradient -A_i s_i on each token
         n = mask.sum(-1, keepdim=True).clamp(min=1)
         s = ((logp - old) * mask).sum(-1, keepdim=True).div(n).exp()
         per_token = -adv * (r if name == "ppo_clip" else s)
+    elif name == "sapo":  # d/dlogp of -(4/tau) sigmoid(tau (r - 1)) A = -4 sigma (1 - sigma) r A
+        sigma = torch.sigmoid(torch.where(adv > 0, 1.0, 1.05) * (r - 1))
+        per_token = -4 * sigma * (1 - sigma) * r * adv
+    elif name == "gpg":
+        per_token = -adv * torch.ones_like(r)
     elif name == "topr":
         taper = ((logp - old) * mask).sum(-1, keepdim=True).clamp(max=0).exp()
         per_token = -adv * torch.where(adv > 0, torch.ones_like(taper), taper)

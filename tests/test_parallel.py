@@ -19,18 +19,22 @@ from rollmill.train import PolicyTrainer, build_batch
 from rollmill.train.parallel import DataParallel
 from rollmill.types import Row
 
-# (loss aggregation, mini-batch size, PPO epochs, LoRA rank): token and sequence means, a single pass and
-# several mini-batches over two epochs (the old-log-prob path), full fine-tuning and LoRA
+# (loss aggregation, mini-batch size, PPO epochs, LoRA rank, other algorithm keys): token and sequence means, a
+# single pass and several mini-batches over two epochs (the old-log-prob path), full fine-tuning and LoRA; N
+# counting every row and GPG's alpha, whose row counts must not include the ranks' padding rows
 CASES = {
-    "token_mean": ("token-mean", None, 1, 0),
-    "seq_mean_minibatches": ("seq-mean-token-mean", 4, 2, 0),
-    "seq_mean_token_sum_norm": ("seq-mean-token-sum-norm", None, 1, 0),
-    "lora_token_mean": ("token-mean", 5, 1, 4),
+    "token_mean": ("token-mean", None, 1, 0, {}),
+    "seq_mean_minibatches": ("seq-mean-token-mean", 4, 2, 0, {}),
+    "seq_mean_token_sum_norm": ("seq-mean-token-sum-norm", None, 1, 0, {}),
+    "lora_token_mean": ("token-mean", 5, 1, 4, {}),
+    "all_rows_gpg_alpha": ("seq-mean-token-sum-norm", 4, 1, 0,
+                           {"loss_agg_seq_count": "all", "loss_agg_norm_by_seqs": True, "gpg_rescale": True}),
 }
 
 
 def rows_and_advantages():
-    """7 samples of 3 prompts (an odd count: one rank gets a padding row), lengths 1-6, some masked tokens."""
+    """7 samples of 3 prompts (an odd count: one rank gets a padding row), lengths 1-6, some masked tokens; the
+    second sample's advantage is 0."""
     g = torch.Generator().manual_seed(0)
     vocab = len(build_char_tokenizer())
     prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (3, 5, 2)]
@@ -39,11 +43,11 @@ def rows_and_advantages():
         tokens = torch.randint(3, vocab, (1 + (i * 5) % 6,), generator=g).tolist()
         row = Row.sampled(prompts[i % 3], tokens, (-torch.rand(len(tokens), generator=g) * 3).tolist())
         rows.append(row)
-    return rows, torch.randn(7, generator=g)
+    return rows, torch.randn(7, generator=g) * (torch.arange(7) != 1)
 
 
 def make_trainer(case: str, parallel: DataParallel | None):
-    agg, mini, epochs, rank = CASES[case]
+    agg, mini, epochs, rank, options = CASES[case]
     torch.manual_seed(0)
     model = build_tiny_model(len(build_char_tokenizer()), seed=3)
     if rank:
@@ -60,7 +64,7 @@ def make_trainer(case: str, parallel: DataParallel | None):
 
         shard_model(model)
     cfg = TrainConfig(lr=1e-2, micro_batch_size=2, mini_batch_size=mini, ppo_epochs=epochs, max_grad_norm=0.5)
-    algo = AlgorithmConfig(loss_agg=agg)
+    algo = AlgorithmConfig(loss_agg=agg, **options)
     return PolicyTrainer(model, cfg, algo, max_new_tokens=8, parallel=parallel)
 
 

@@ -12,7 +12,8 @@ import inspect
 from pathlib import Path
 from typing import Iterator
 
-from rollmill.algos import ADVANTAGE_NAMES, GROUP_BASELINE_ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+from rollmill.algos import (ADVANTAGE_NAMES, GREEDY_BASELINE_ADVANTAGES, GROUP_BASELINE_ADVANTAGES, KL_ESTIMATORS,
+                            LOSS_AGGREGATIONS, POLICY_LOSSES, TOKEN_ADVANTAGES)
 from rollmill.algos.losses import loss_param_names
 from rollmill.config import AlgorithmConfig, ConfigError, EnvConfig, RewardConfig, RunConfig, load_config
 from rollmill.envs import check_env_kwargs
@@ -25,6 +26,7 @@ _ALGO_REGISTRIES = {
     "advantage": (ADVANTAGE_NAMES, "advantage estimator"),
     "loss": (POLICY_LOSSES, "policy loss"),
     "loss_agg": (LOSS_AGGREGATIONS, "loss aggregation"),
+    "value_loss_agg": (LOSS_AGGREGATIONS, "loss aggregation"),
     "kl_estimator": (KL_ESTIMATORS, "KL estimator"),
 }
 
@@ -33,7 +35,8 @@ def check_config(cfg: RunConfig) -> RunConfig:
     """Return `cfg` if every registry name in it exists and takes the arguments given, else raise
     ConfigError listing every problem, each naming the key, its value and what is allowed."""
     problems = [*_algorithm_problems(cfg.algorithm), *_reward_problems(cfg.reward), *_env_problems(cfg.env),
-                *_data_parallel_problems(cfg), *_signal_problems(cfg), *input_problems(cfg)]
+                *_data_parallel_problems(cfg), *_signal_problems(cfg), *_rlvr_only_problems(cfg),
+                *input_problems(cfg)]
     if problems:
         # the shape of load_config's errors, so both read the same
         raise ConfigError("invalid config:\n  " + "\n  ".join(f"{key} = {value!r}: {msg}" for key, value, msg in problems))
@@ -54,6 +57,21 @@ def _signal_problems(cfg: RunConfig) -> Iterator[Problem]:
         yield ("rollout.group_size", 1, f"advantage {algo.advantage!r} subtracts the group's own mean, so with one "
                "sample per group every advantage is 0 (no learning signal): use group_size >= 2, or an estimator "
                "with a batch baseline (batch, reinforce_pp)")
+    if cfg.rollout.group_size == 1 and cfg.reward.normalize_each:
+        yield ("reward.normalize_each", True, "normalizes each reward within the prompt's group, so with one sample "
+               "per group every score is 0 (no learning signal): use rollout.group_size >= 2")
+
+
+def _rlvr_only_problems(cfg: RunConfig) -> Iterator[Problem]:
+    """Settings the agentic pipeline has nothing for: a greedy baseline sample, token rewards, reward functions."""
+    if cfg.pipeline != "agentic":
+        return
+    advantage, rlvr_only = cfg.algorithm.advantage, {*GREEDY_BASELINE_ADVANTAGES, *TOKEN_ADVANTAGES, "gae"}
+    if advantage in rlvr_only - {"gae"}:  # gae is refused by the config itself
+        yield ("algorithm.advantage", advantage, "pipeline 'agentic' has no greedy baseline sample or token "
+               f"returns; allowed: {sorted(set(ADVANTAGE_NAMES) - rlvr_only)}")
+    if cfg.reward.normalize_each:
+        yield "reward.normalize_each", True, "pipeline 'agentic' takes its rewards from the env, not reward.functions"
 
 
 def _data_parallel_problems(cfg: RunConfig) -> Iterator[Problem]:

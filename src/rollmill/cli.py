@@ -168,6 +168,7 @@ def cmd_algos(args) -> int:
     sections = [
         ("presets (algorithm.name)", {k: p.description for k, p in ALGORITHMS.items()}),
         ("advantage estimators (algorithm.advantage)", {**{k: _first_line(f) for k, f in algos.ADVANTAGES.items()},
+                                                        **{k: _first_line(f) for k, f in algos.TOKEN_ADVANTAGES.items()},
                                                         **_EXTRA_ADVANTAGES}),
         ("policy losses (algorithm.loss)", {k: _first_line(f) for k, f in algos.POLICY_LOSSES.items()}),
         ("KL estimators (algorithm.kl_estimator)", {k: _first_line(f) for k, f in algos.KL_ESTIMATORS.items()}),
@@ -237,6 +238,7 @@ _EXTRA_ADVANTAGES = {
 
 _AGG_HELP = {
     "token-mean": "every valid token weighs the same (DAPO, Lite PPO)",
+    "token-sum": "sum over every valid token, no denominator",
     "seq-mean-token-sum": "sum over a sequence's tokens, mean over sequences",
     "seq-mean-token-mean": "mean over a sequence's tokens, then over sequences (original GRPO)",
     "seq-mean-token-sum-norm": "sum over tokens divided by a constant length (Dr.GRPO)",

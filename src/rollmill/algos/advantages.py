@@ -1,8 +1,11 @@
 """Advantage estimators over scalar rewards grouped by prompt (shape [P, G]).
 
 Every registry entry maps rewards [P, G] to advantages [P, G], which the trainer broadcasts to the
-response tokens. Token-level estimators (GAE, the token form of REINFORCE++) live in `gae.py` and
-`normalize.whiten`. Any KL penalty folded into the reward is the caller's job, before these run.
+response tokens. Besides the rewards an estimator may declare keyword inputs, which the caller
+(`train.advantages.AdvantageComputer`) passes by name: `eps` (the std epsilon, `algorithm.std_eps`),
+`lengths` [P, G] (each response's token count) and `baseline` [P] (each group's greedy reward).
+Token-level estimators (GAE, the token form of REINFORCE++) live in `gae.py`. Any KL penalty folded
+into the reward is the caller's job, before these run.
 """
 
 from __future__ import annotations
@@ -48,11 +51,10 @@ def batch_normalized_advantages(rewards: torch.Tensor, eps: float = EPS) -> torc
 def reinforce_pp_advantages(rewards: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """REINFORCE++ (scalar form): batch mean/std normalization of the rewards, valid for any G.
 
-    The paper's token form puts `-beta * k1_t` on every token and R on the last one
-    (`gae.token_rewards_from_outcome`), sums to returns (`gae.gae_advantages` with zero values and
-    lam=1) and whitens over all valid tokens of the batch (`normalize.whiten`). The per-token KL is
-    applied by the caller that way; without it and with equal lengths the token form is this function
-    broadcast to tokens, up to the ddof of the std (token count instead of sequence count).
+    The paper's token form (`-beta * k1_t` on every token, R on the last one, discounted returns,
+    whitened over all valid tokens of the batch) is `gae.reinforce_pp_token_advantages`, advantage
+    `reinforce_pp_token`. Without KL, with gamma 1 and equal lengths it is this function broadcast to
+    tokens, up to the ddof of the std (token count instead of sequence count).
     """
     return batch_normalized_advantages(rewards, eps)
 
@@ -71,7 +73,36 @@ def lite_ppo_advantages(rewards: torch.Tensor, eps: float = EPS) -> torch.Tensor
     return normalize_rewards(rewards, "group", "batch", eps)
 
 
-ADVANTAGES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+def opo_advantages(rewards: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """OPO: R_i - b with the length-weighted group baseline b = sum_i |o_i| R_i / sum_i |o_i|.
+
+    The baseline minimizing the gradient variance when each response's squared gradient norm grows
+    with its length |o_i| (arXiv 2505.23585). `lengths` [P, G] are the response token counts; None
+    weighs every response the same (b is then the group mean, Dr.GRPO). A group whose lengths sum to
+    0 uses the plain mean. A group of one has b = R, so its advantage is 0 (verl's OPO gives it R).
+    """
+    rewards = normalize_rewards(rewards, None, None)  # the shape check and float promotion alone
+    weights = torch.ones_like(rewards) if lengths is None else lengths.to(rewards.dtype)
+    if weights.shape != rewards.shape:
+        raise ValueError(f"lengths must match rewards {tuple(rewards.shape)}, got shape {tuple(weights.shape)}")
+    total = weights.sum(dim=1, keepdim=True)
+    baseline = torch.where(total > 0, (weights * rewards).sum(dim=1, keepdim=True) / total.clamp(min=1e-12),
+                           rewards.mean(dim=1, keepdim=True))
+    return rewards - baseline
+
+
+def remax_advantages(rewards: torch.Tensor, *, baseline: torch.Tensor) -> torch.Tensor:
+    """ReMax: R_i - R_greedy, the reward of the greedy response to the same prompt as baseline.
+
+    arXiv 2310.10505. `baseline` [P] holds one greedy (temperature 0) reward per group (row); the
+    greedy response is generated and scored with the group but never trained on."""
+    rewards = normalize_rewards(rewards, None, None)  # the shape check and float promotion alone
+    if baseline.shape != rewards.shape[:1]:
+        raise ValueError(f"baseline must be [prompts={rewards.shape[0]}], got shape {tuple(baseline.shape)}")
+    return rewards - baseline.to(rewards.dtype)[:, None]
+
+
+ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {
     "grpo": group_normalized_advantages,
     "dr_grpo": dr_grpo_advantages,
     "rloo": rloo_advantages,
@@ -79,4 +110,6 @@ ADVANTAGES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
     "lite_ppo": lite_ppo_advantages,
     "batch": batch_normalized_advantages,
+    "opo": opo_advantages,
+    "remax": remax_advantages,
 }

@@ -1,4 +1,5 @@
-"""Token-level credit assignment with a critic: token rewards, GAE and the clipped value loss (§1.2, §2.1).
+"""Token-level credit assignment: token rewards, GAE and the clipped value loss of a critic (§1.2, §2.1),
+and the critic-free token form of REINFORCE++ (discounted returns, whitened).
 
 All per-token tensors are [B, L] aligned to response tokens; `mask` is 1 on tokens the policy generated
 and 0 on prompt, padding and environment-observation tokens.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from rollmill.algos.aggregation import aggregate_loss
+from rollmill.algos.normalize import EPS, whiten
 
 
 def _last_valid_index(mask: torch.Tensor) -> torch.Tensor:
@@ -78,17 +80,47 @@ def gae_advantages(
     return advantages, (advantages + values) * valid
 
 
+def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = sum_k gamma^k * rho_{t+k} over the valid tokens from t on (GAE with V = 0 and lam = 1);
+    masked tokens are skipped as in `gae_advantages` and get 0."""
+    return gae_advantages(token_rewards, torch.zeros_like(token_rewards), mask, gamma, lam=1.0)[0]
+
+
+def reinforce_pp_token_advantages(
+    outcome: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    kl: torch.Tensor | None = None,
+    beta: float = 0.0,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """REINFORCE++ token form: discounted token returns, whitened over the batch's valid tokens.
+
+    rho_t = -beta * k_t + 1[t = last valid token] * R, G_t = sum_k gamma^k * rho_{t+k},
+    A_t = (G_t - mean) / (std + eps), mean and std over every valid token of the batch. `outcome` [B] is
+    each sequence's scalar reward, `kl` [B, L] the per-token KL estimate (detached); the result [B, L]
+    is 0 on masked tokens (`normalize.whiten`: token-weighted, unbiased std).
+    """
+    returns = discounted_returns(token_rewards_from_outcome(outcome, mask, kl=kl, beta=beta), mask, gamma)
+    return whiten(returns, mask, eps)
+
+
 def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float | None = None,
+    mode: str = "seq-mean-token-mean",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    norm_length: float | None = None,
 ) -> torch.Tensor:
-    """Critic loss: 1/2 * max((V - G)^2, (clip(V, V_old - eps, V_old + eps) - G)^2) per token.
+    """Critic loss: 1/2 * agg(max((V - G)^2, (clip(V, V_old - eps, V_old + eps) - G)^2)) over valid tokens.
 
-    Without `clip_eps` it is the plain 1/2 * (V - G)^2. Reduced as the per-sequence masked mean, then
-    the mean over sequences with at least one valid token; zero valid tokens give exactly 0.
+    Without `clip_eps` the token loss is the plain (V - G)^2. `agg` is `aggregation.aggregate_loss` with
+    `mode` (default: the per-sequence masked mean, then the mean over non-empty sequences, as ROLL;
+    verl's default is token-mean) and the given global denominators; zero valid tokens give exactly 0.
     """
     returns = returns.detach()
     loss = (values - returns) ** 2
@@ -96,4 +128,4 @@ def value_loss(
         old = old_values.detach()
         clipped = torch.maximum(torch.minimum(values, old + clip_eps), old - clip_eps)
         loss = torch.maximum(loss, (clipped - returns) ** 2)
-    return 0.5 * aggregate_loss(loss, mask, "seq-mean-token-mean")
+    return 0.5 * aggregate_loss(loss, mask, mode, num_tokens, num_seqs, norm_length)

@@ -5,7 +5,9 @@ Every loss is `fn(logp, old_logp, advantages, mask=None, *, <its params>) -> Pol
 against, `advantages` broadcasts to [B, L] ([B, 1] for sequence-level), `mask` [B, L] is 1 on
 response tokens (None = all valid). The token loss is returned unmasked; aggregation (§1.4) is
 separate. The keyword-only params are a loss's whole configuration surface (`loss_param_names`),
-so callers pass exactly those and a misspelt one is a TypeError, never silently dropped.
+so callers pass exactly those and a misspelt one is a TypeError, never silently dropped. Every ratio
+is exponentiated from `masked_log_ratio`, so padding and huge gaps never make a NaN gradient (§0).
+`rollmill.algos.clip_alternatives` registers SAPO, GPG and GMPO in `POLICY_LOSSES` too.
 """
 
 from __future__ import annotations
@@ -25,8 +27,24 @@ class PolicyLossOutput:
     ratio: torch.Tensor  # [B, L] the importance ratio the loss used (sequence losses broadcast theirs)
 
 
+LOG_RATIO_CLAMP = 20.0
+
+
 def _valid(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(like) if mask is None else mask.to(like.dtype)
+
+
+def masked_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log(pi / pi_old) = logp - old_logp, clamped to +-LOG_RATIO_CLAMP (verl's bound), and 0 where `mask` is 0.
+
+    Every ratio a loss exponentiates comes from here. A padded or observation token's log-prob may be -inf
+    (its difference NaN) and a real token's gap can pass float32's exp range (~88): either made the ratio inf
+    and its gradient 0 * inf = NaN, even where a clip or the mask then discarded the value. Beyond a ratio of
+    e^20 the value is capped and the gradient is 0.
+    """
+    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    # where(), not a product: NaN * 0 is NaN
+    return log_ratio if mask is None else torch.where(mask > 0, log_ratio, torch.zeros_like(log_ratio))
 
 
 def _seq_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor | None, mean: bool) -> torch.Tensor:
@@ -66,10 +84,11 @@ def ppo_clip_loss(
 
     `clip_eps_high` (clip-higher, §2.3) defaults to `clip_eps`. `dual_clip_c` (§2.2; paper 3.0,
     ROLL 1 + 2*clip_eps; None = off) bounds tokens with A < 0: l = -max(min(...), c*A). Tokens are
-    independent, so `mask` is accepted for the common interface and not needed.
+    independent, so `mask` only keeps padding out of the exponent.
     """
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    return _clipped_surrogate(torch.exp(logp - old_logp), advantages, clip_eps, high, dual_clip_c)
+    ratio = torch.exp(masked_log_ratio(logp, old_logp, mask))
+    return _clipped_surrogate(ratio, advantages, clip_eps, high, dual_clip_c)
 
 
 def gspo_loss(
@@ -87,7 +106,7 @@ def gspo_loss(
     With seq-mean-token-mean aggregation this is the paper's (1/G) sum_i. The clip decision is per
     sequence, so `clipped` marks all tokens of a clipped sequence. An empty response gets s = 1.
     """
-    ratio = torch.exp(_seq_log_ratio(logp - old_logp, mask, mean=True)).expand_as(logp)
+    ratio = torch.exp(_seq_log_ratio(masked_log_ratio(logp, old_logp, mask), mask, mean=True)).expand_as(logp)
     return _clipped_surrogate(ratio, advantages, gspo_eps_low, gspo_eps_high)
 
 
@@ -105,8 +124,9 @@ def gspo_token_loss(
     Same value as GSPO, but each token's gradient is -A_t * s_i on its own log-prob, so token-level
     advantages can be used; with A_t = A_i and seq-mean-token-mean it equals GSPO's gradient.
     """
-    seq = torch.exp(_seq_log_ratio(logp - old_logp, mask, mean=True)).detach()
-    ratio = seq * torch.exp(logp - logp.detach())
+    log_ratio = masked_log_ratio(logp, old_logp, mask)
+    seq = torch.exp(_seq_log_ratio(log_ratio, mask, mean=True)).detach()
+    ratio = seq * torch.exp(log_ratio - log_ratio.detach())
     return _clipped_surrogate(ratio, advantages, gspo_eps_low, gspo_eps_high)
 
 
@@ -127,7 +147,7 @@ def topr_loss(
     The advantage stands in for the paper's reward (as in ROLL): the loss never sees rewards. `ratio`
     reports the token ratio at both levels, since a sequence's product can overflow.
     """
-    log_ratio = logp.detach() - old_logp
+    log_ratio = masked_log_ratio(logp.detach(), old_logp, mask)
     if topr_ratio_level == "seq":
         level = _seq_log_ratio(log_ratio, mask, mean=False)
     elif topr_ratio_level == "token":
@@ -157,7 +177,7 @@ def raft_pp_loss(
     samples and drops all-correct groups (A = 0). The advantage's size does not scale the loss.
     """
     keep = advantages > 0
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp(masked_log_ratio(logp, old_logp, mask))
     surrogate = torch.minimum(ratio, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps))
     token_loss = torch.where(keep, -surrogate, torch.zeros_like(surrogate))
     return PolicyLossOutput(token_loss=token_loss, clipped=keep & (ratio > 1.0 + clip_eps), ratio=ratio)
@@ -179,7 +199,7 @@ def cispo_loss(
     (MiniMax-M1), and eps_low = 1, eps_high = 0 is ROLL's pg_variant "tis" (§3.2 b). With
     `cispo_unified_mask` tokens with (A > 0, r > 1+eps_high) or (A < 0, r < 1-eps_low) are dropped.
     """
-    ratio = torch.exp(logp - old_logp).detach()
+    ratio = torch.exp(masked_log_ratio(logp, old_logp, mask)).detach()
     low, high = 1.0 - cispo_eps_low, 1.0 + cispo_eps_high
     weight = ratio.clamp(low, high)
     out_of_range = (ratio < low) | (ratio > high)
@@ -211,7 +231,7 @@ def decoupled_ppo_loss(
         logp, old_logp, advantages, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip_c=dual_clip_c
     )
     # exp(min(x, log C)) == min(exp(x), C) without overflow
-    weight = torch.exp((old_logp - behaviour_logp).clamp(max=math.log(is_weight_cap))).detach()
+    weight = torch.exp(masked_log_ratio(old_logp, behaviour_logp, mask).clamp(max=math.log(is_weight_cap))).detach()
     return PolicyLossOutput(token_loss=weight * out.token_loss, clipped=out.clipped, ratio=out.ratio)
 
 
@@ -250,7 +270,7 @@ def tis_weights(
     broadcast to [B, L]; padded positions get 0. Multiply the token loss by it.
     """
     m = _valid(mask, logp_train)
-    log_ratio = _log_ratio_at_level((logp_train - logp_behaviour).detach(), m, level)
+    log_ratio = _log_ratio_at_level(masked_log_ratio(logp_train, logp_behaviour, m).detach(), m, level)
     return torch.exp(log_ratio.clamp(max=math.log(cap))).expand_as(m) * m
 
 
@@ -269,7 +289,7 @@ def mismatch_mask(
     sequence is the unit: one out-of-range token drops it. None disables a filter.
     """
     m = _valid(mask, logp_train)
-    log_ratio = (logp_train - logp_behaviour).detach()
+    log_ratio = masked_log_ratio(logp_train, logp_behaviour, m).detach()
     keep = torch.ones_like(m, dtype=torch.bool)
     if ratio_bounds is not None:
         ratio = torch.exp(_log_ratio_at_level(log_ratio, m, level))

@@ -119,6 +119,20 @@ def normalize_rewards(
     return centred / (std + eps)
 
 
+def decoupled_group_scores(terms: torch.Tensor, weights: list[float], eps: float = EPS) -> torch.Tensor:
+    """GDPO's decoupled normalization: `sum_k w_k * (r_k - mu_group(r_k)) / (sigma_group(r_k) + eps)`.
+
+    `terms` [K, P, G] holds each of the K reward functions' raw values, `weights` their K weights;
+    the result [P, G] replaces the weighted sum `sum_k w_k * r_k`. Each function is normalized within
+    each prompt's group on its own, so a function with a small range is not drowned by one with a
+    large range. A function constant over a group adds 0 there; a group of one gets 0 (the group std
+    is undefined), as in `normalize_rewards`.
+    """
+    if terms.dim() != 3 or terms.shape[0] != len(weights):
+        raise ValueError(f"terms must be [functions={len(weights)}, prompts, group], got shape {tuple(terms.shape)}")
+    return sum(w * normalize_rewards(t, "group", "group", eps) for w, t in zip(weights, terms))
+
+
 def _clamp_abs(x: torch.Tensor, bound: float | None) -> torch.Tensor:
     if bound is None:
         return x

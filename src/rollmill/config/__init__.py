@@ -91,11 +91,14 @@ class RewardFn(Strict):
 
 
 class RewardConfig(Strict):
-    """Rewards are a weighted sum of plain functions; `correct` names the one that defines accuracy."""
+    """Rewards are a weighted sum of plain functions (with `normalize_each`, of their group-normalized
+    scores); `correct` names the one that defines accuracy."""
 
     functions: list[RewardFn] = Field(default_factory=lambda: [RewardFn(name="first_integer")])
     correct: str | None = None
     max_all_failed_steps: int = Field(3, gt=0, description="stop after this many steps where every sample's reward failed")
+    normalize_each: bool = Field(False, description="GDPO-style: normalize each function's scores within the prompt's "
+                                                    "group (mean/std) before the weighted sum (RLVR)")
 
     @model_validator(mode="after")
     def _correct_is_listed(self) -> "RewardConfig":

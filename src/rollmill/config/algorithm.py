@@ -61,6 +61,27 @@ class AlgorithmConfig(Strict):
     cispo_eps_high: float = Field(0.1, ge=0.0, description="CISPO IS-weight clip, upper")
     cispo_unified_mask: bool = Field(False, description="CISPO: drop tokens PPO's clip would zero (ROLL)")
     is_weight_cap: float = Field(1.2, gt=0.0, description="decoupled_ppo: cap C on exp(old_logp - behaviour_logp)")
+    # Round two: SAPO, GMPO, GPG's loss scale, the KL term's form, aggregation denominators (§1.1, §1.4, §2.15-17).
+    sapo_tau_pos: float = Field(1.0, gt=0.0, description="SAPO gate temperature where A > 0")
+    sapo_tau_neg: float = Field(1.05, gt=0.0, description="SAPO gate temperature where A <= 0")
+    gmpo_log_clip_low: float = Field(0.4, gt=0.0, description="GMPO per-token clip in log space: ratio >= e^-low")
+    gmpo_log_clip_high: float = Field(0.4, gt=0.0, description="GMPO per-token clip in log space: ratio <= e^high")
+    gpg_rescale: bool = Field(False, description="scale the loss by GPG's alpha = B/(B-M), M = rows with advantage 0")
+    gpg_min_valid_fraction: float = Field(0.05, gt=0.0, le=1.0, description="cap alpha at 1/this (GPG authors' code)")
+    kl_clamp: float | None = Field(10.0, gt=0.0, description="k3 and k3+ at most this (ROLL, verl); None = no clamp")
+    kl_ratio_weighted: bool = Field(False, description="KL loss term times exp(logp - old_logp), not detached "
+                                                       "(TRL's use_bias_correction_kl)")
+    loss_agg_seq_count: Literal["nonempty", "all"] = Field("nonempty", description="what N counts: rows with a valid "
+                                                           "token (ROLL, verl) or every row (TRL)")
+    loss_agg_norm_length: int | None = Field(None, gt=0, description="L_norm of seq-mean-token-sum-norm; None = "
+                                             "rollout.sampling.max_new_tokens (agentic: the batch's width)")
+    loss_agg_norm_by_seqs: bool = Field(False, description="seq-mean-token-sum-norm also divides by N (verl; TRL's "
+                                        "dr_grpo with loss_agg_seq_count: all)")
+    # Round two: advantages
+    std_eps: float = Field(1e-6, gt=0.0, description="eps added to every advantage std (whitening, GAE and GDPO "
+                                                      "included): 1e-6 as verl; TRL's GRPOTrainer uses 1e-4")
+    value_loss_agg: str = Field("seq-mean-token-mean", description="critic value-loss aggregation, a loss_agg "
+                                                                    "mode (ROLL's seq-mean-token-mean; verl: token-mean)")
 
     @model_validator(mode="before")
     @classmethod

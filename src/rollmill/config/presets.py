@@ -69,4 +69,24 @@ ALGORITHMS: dict[str, Preset] = {
         "CISPO: clipped, detached importance weight times log-prob (no token dropped)",
         {"advantage": "grpo", "loss": "cispo", "loss_agg": "token-mean"},
     ),
+    "sapo": Preset(
+        "SAPO: soft sigmoid gate on the token ratio instead of the hard clip (tau 1.0 / 1.05), seq-mean-token-mean",
+        {"advantage": "grpo", "loss": "sapo", "loss_agg": "seq-mean-token-mean"},
+    ),
+    "gpg": Preset(
+        "GPG: plain policy gradient -A*logp, group-mean advantages, loss scaled by B/(B-M), token-mean, no KL",
+        {"advantage": "dr_grpo", "loss": "gpg", "loss_agg": "token-mean", "gpg_rescale": True, "kl_coef": 0.0},
+    ),
+    "gmpo": Preset(
+        "GMPO: geometric mean of token ratios, clipped per token to (e^-0.4, e^0.4), seq-mean-token-mean",
+        {"advantage": "grpo", "loss": "gmpo", "loss_agg": "seq-mean-token-mean", "kl_coef": 0.0},
+    ),
+    "opo": Preset(
+        "OPO: length-weighted optimal group baseline, on-policy (one update per batch), token-mean, no KL",
+        {"advantage": "opo", "loss": "ppo_clip", "loss_agg": "token-mean", "kl_coef": 0.0},
+    ),
+    "remax": Preset(
+        "ReMax: the greedy reply's reward as baseline (one extra temperature-0 sample per prompt, never trained)",
+        {"advantage": "remax", "loss": "ppo_clip", "loss_agg": "token-mean"},
+    ),
 }

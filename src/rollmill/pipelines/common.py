@@ -15,6 +15,9 @@ from rollmill.rollout.sampling import request_seed
 from rollmill.tasks import Example
 
 EVAL_SEED_BASE = 1_000_000_000  # env seeds of training episodes stay below this: held-out episodes are never trained on
+# The sample index of a group's baseline sample (ReMax's greedy reply): generated and scored with the
+# group, never trained; the sample queue hands its reward to the group's samples as info "baseline_reward".
+BASELINE_INDEX = -1
 
 
 def encode_prompt(tokenizer, example: Example, task: TaskConfig) -> list[int]:

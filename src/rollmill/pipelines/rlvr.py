@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict, defaultdict
+from typing import NamedTuple
 
 import torch
 
+from rollmill.algos import GREEDY_BASELINE_ADVANTAGES, TOKEN_ADVANTAGES
 from rollmill.algos.filters import difficulty_mask
+from rollmill.algos.normalize import decoupled_group_scores
 from rollmill.config import RunConfig
 from rollmill.pipelines.base import EpisodeContext, RLPipeline
-from rollmill.pipelines.common import PromptCursor, encode_prompt, sample_seed, sampling_params, step_seed
+from rollmill.pipelines.common import (BASELINE_INDEX, PromptCursor, encode_prompt, sample_seed, sampling_params,
+                                       step_seed)
 from rollmill.pipelines.evaluate import pass_at_k
+from rollmill.rewards import reward_keys
 from rollmill.rollout.engine import Request
 from rollmill.tasks import Example, load_task
 from rollmill.train import TrainBatch, build_batch
@@ -29,6 +34,7 @@ class PromptSource:
 
     With `task.mix`, each group first draws its source by the sources' weights (seeded by the group's
     id, so resume and Ray draw the same), then takes that source's next prompt from its own cursor.
+    Estimators with a greedy baseline (ReMax) get one more sample per group, `BASELINE_INDEX`.
     """
 
     def __init__(self, cfg: RunConfig):
@@ -41,6 +47,7 @@ class PromptSource:
                         list(range(len(self.train))) for label in labels]
         self.cursors = [PromptCursor(len(m), seed=seed + k) for k, m in enumerate(self.members)]
         self.groups_started = 0
+        self.baseline = (BASELINE_INDEX,) if cfg.algorithm.advantage in GREEDY_BASELINE_ADVANTAGES else ()
 
     def next_groups(self, count: int, samples: int) -> list[GroupSpec]:
         specs = []
@@ -48,7 +55,7 @@ class PromptSource:
             gid = self.groups_started + k
             source = self._source(gid)
             i = self.members[source][self.cursors[source].take(1)[0]]
-            specs.append(GroupSpec(gid, i, self.train[i], tuple(range(samples))))
+            specs.append(GroupSpec(gid, i, self.train[i], tuple(range(samples)) + self.baseline))
         self.groups_started += count
         return specs
 
@@ -71,11 +78,13 @@ class PromptSource:
 
 
 class PromptEpisodes:
-    """One sample: the chat-formatted prompt, one completion, its score."""
+    """One sample: the chat-formatted prompt, one completion, its score (and each reward function's
+    value, for `reward.normalize_each`). The group's baseline sample is the greedy completion."""
 
     def __init__(self, cfg: RunConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.sampling = sampling_params(cfg.rollout.sampling, n=1)
+        self.greedy = sampling_params(cfg.rollout.sampling, n=1, temperature=0.0)
         self.eval_sampling = sampling_params(cfg.rollout.sampling, n=1, temperature=cfg.eval.temperature,
                                              max_new_tokens=cfg.eval.max_new_tokens)
         self.eval_seed = step_seed(cfg.train.seed, -1)  # the same draws at every eval, so evals compare
@@ -91,6 +100,8 @@ class PromptEpisodes:
     async def run(self, spec: GroupSpec, index: int, ctx: EpisodeContext) -> Trajectory:
         example: Example = spec.payload
         base, sampling = (self.eval_seed, self.eval_sampling) if spec.eval else (self.cfg.train.seed, self.sampling)
+        if index == BASELINE_INDEX:
+            sampling = self.greedy
         prompt = self._encode(example)
         completion = await ctx.generate(Request(prompt, sampling, sample_seed(base, spec.group_id, index)))
         score = await ctx.score(completion.text, example)
@@ -99,7 +110,8 @@ class PromptEpisodes:
         turn = Turn(completion.text, completion.text, "", score.total, None, None, False, 0, completion.finish_reason)
         return Trajectory(spec.group_id, index, spec.prompt_id, [row], [turn], initial_observation=example.prompt,
                           success=score.correct, failed=score.failed, error=score.error,
-                          end_reason=completion.finish_reason, info={"answer": example.answer, "columns": example.meta})
+                          end_reason=completion.finish_reason,
+                          info={"answer": example.answer, "columns": example.meta, "reward_terms": score.terms})
 
     def close(self) -> None:
         """Nothing to release."""
@@ -117,17 +129,20 @@ class RLVRPipeline(RLPipeline):
         return PromptEpisodes(cfg, tokenizer)
 
     def update(self, learner, groups: list[list[Trajectory]]) -> dict[str, float]:
-        """Advantages (scalar estimator, or GAE over the critic's values), KL shaping, the update."""
+        """Advantages (scalar or token estimator, or GAE over the critic's values), KL shaping, the update."""
         cfg, algo = learner.cfg, learner.cfg.algorithm
-        batch, scores = scored_batch(learner, groups)
+        batch, scores, lengths, baseline = scored_batch(learner, groups)
         ref_logp = token_kl = None
         if algo.kl_placement == "reward" and algo.kl_coef > 0:
             ref_logp = learner.trainer.reference_logprobs(batch)
             token_kl = learner.kl.token_kl(batch, ref_logp)
         if learner.critic is None:
-            if token_kl is not None:
+            kl = {}
+            if token_kl is not None and algo.advantage in TOKEN_ADVANTAGES:  # the penalty stays on its tokens
+                kl = {"token_kl": token_kl, "beta": learner.kl.beta}
+            elif token_kl is not None:
                 scores = learner.kl.penalized_scores(scores, token_kl)
-            batch.advantages = learner.advantages(scores, batch.mask)
+            batch.advantages = learner.advantages(scores, batch.mask, lengths, baseline, **kl)
             if algo.credit != "none":
                 batch.advantages = anchor_scaled_advantages(learner.model, batch, algo, cfg.train.micro_batch_size)
             metrics = learner.trainer.step(batch, ref_logp=ref_logp)
@@ -143,8 +158,8 @@ class RLVRPipeline(RLPipeline):
         """The streamed form of `update` (`Learner.add_groups`): these groups' advantages, then their
         forward/backward. Only for configs `streaming_blockers` passes: per-group advantages, no critic,
         no reward-side KL, no attention credit."""
-        batch, scores = scored_batch(learner, groups)
-        batch.advantages = learner.advantages(scores, batch.mask)
+        batch, scores, lengths, baseline = scored_batch(learner, groups)
+        batch.advantages = learner.advantages(scores, batch.mask, lengths, baseline)
         learner.trainer.add(batch)
 
     def rollout_metrics(self, groups: list[list[Trajectory]]) -> dict[str, float]:
@@ -152,6 +167,7 @@ class RLVRPipeline(RLPipeline):
         trajs = [t for g in groups for t in g]
         scores = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)
         lengths = [len(t.rows[0].token_ids) for t in trajs]
+        greedy = [g[0].info["baseline_reward"] for g in groups if "baseline_reward" in g[0].info]
         return {
             "rollout/samples": len(trajs),
             "reward/mean": float(scores.mean()),
@@ -162,6 +178,7 @@ class RLVRPipeline(RLPipeline):
             "response_length/mean": sum(lengths) / len(lengths),
             "response_length/clipped_fraction": sum(t.end_reason == "length" for t in trajs) / len(trajs),
             **per_source(trajs, "rollout/samples", "reward/mean", "accuracy/train"),
+            **({"reward/greedy_baseline": sum(greedy) / len(greedy)} if greedy else {}),
         }
 
     def sample_dump(self, traj: Trajectory, tokenizer) -> dict:
@@ -206,13 +223,47 @@ def per_source(trajs: list[Trajectory], count: str | None, reward: str, accuracy
     return out
 
 
-def scored_batch(learner, groups: list[list[Trajectory]]) -> tuple[TrainBatch, torch.Tensor]:
-    """The groups' samples as a batch, their loss weights applied to its mask, and their scores [P, G]."""
+class Scored(NamedTuple):
+    """What the advantages of a step's groups are computed from."""
+
+    batch: TrainBatch  # the samples, their loss weights applied to the mask
+    scores: torch.Tensor  # [P, G] rewards; with reward.normalize_each, the decoupled scores
+    lengths: torch.Tensor  # [P, G] tokens each response sampled, before loss weights (OPO)
+    baseline: torch.Tensor | None  # [P] each group's greedy reward (ReMax), else None
+
+
+def scored_batch(learner, groups: list[list[Trajectory]]) -> Scored:
+    """The groups' samples as a batch, and the scores, lengths and baselines of their advantages."""
+    cfg = learner.cfg
     trajs = [t for g in groups for t in g]
     scores = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)
     batch = build_batch([t.rows[0] for t in trajs], torch.zeros(len(trajs)), learner.pad_id)
-    batch.mask *= loss_weights(trajs, scores, learner.cfg)[:, None]
-    return batch, scores
+    lengths = batch.mask.sum(-1).view_as(scores)
+    batch.mask *= loss_weights(trajs, scores, cfg)[:, None]
+    if cfg.reward.normalize_each:
+        scores = decoupled_scores(groups, cfg)
+    baseline = greedy_baselines(groups) if cfg.algorithm.advantage in GREEDY_BASELINE_ADVANTAGES else None
+    return Scored(batch, scores, lengths, baseline)
+
+
+def decoupled_scores(groups: list[list[Trajectory]], cfg: RunConfig) -> torch.Tensor:
+    """`reward.normalize_each` (docs/algorithms.md §C.4): each reward function's values normalized
+    within each group, then weighted and summed (`normalize.decoupled_group_scores`); a failed sample
+    counts 0 for every function, and the overlong penalty added after scoring is added back as it is."""
+    keys, weights = reward_keys(cfg.reward), [f.weight for f in cfg.reward.functions]
+    terms = torch.tensor([[[0.0 if t.failed else t.info["reward_terms"][k] for t in g] for g in groups] for k in keys],
+                         dtype=torch.float32)
+    shaping = torch.tensor([[t.info.get("overlong_penalty", 0.0) for t in g] for g in groups], dtype=torch.float32)
+    return decoupled_group_scores(terms, weights, cfg.algorithm.std_eps) + shaping
+
+
+def greedy_baselines(groups: list[list[Trajectory]]) -> torch.Tensor:
+    """[P]: each group's greedy reward (ReMax, §C.3), which the sample queue put on its samples."""
+    missing = [g[0].group_id for g in groups if "baseline_reward" not in g[0].info]
+    if missing:
+        raise ValueError(f"groups {missing} have no greedy baseline sample (info 'baseline_reward'), which "
+                         f"algorithm.advantage {GREEDY_BASELINE_ADVANTAGES} needs")
+    return torch.tensor([g[0].info["baseline_reward"] for g in groups], dtype=torch.float32)
 
 
 def loss_weights(trajs: list[Trajectory], scores: torch.Tensor, cfg: RunConfig) -> torch.Tensor:

@@ -13,7 +13,7 @@ import asyncio
 import inspect
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from rollmill.plugins import resolve
@@ -33,8 +33,9 @@ class RewardResult:
     errors: list[str]  # one line per failure: "fn_name: ExcType: message"
 
 
-def _keys(cfg: RewardConfig) -> list[str]:
-    # The same function may be listed twice with different kwargs; later copies get "#2", "#3", ...
+def reward_keys(cfg: RewardConfig) -> list[str]:
+    """Each listed function's key in `per_fn` and `Score.terms`, in order: its name; the same function
+    listed again (with other kwargs) gets "#2", "#3", ..."""
     seen: Counter[str] = Counter()
     keys: list[str] = []
     for fn in cfg.functions:
@@ -47,7 +48,7 @@ def compute_rewards(completions: list[str], examples: list[Example], cfg: Reward
     """Score each completion against its example with every function in `cfg`; raising marks it failed."""
     if len(completions) != len(examples):
         raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
-    keys = _keys(cfg)
+    keys = reward_keys(cfg)
     n = len(completions)
     per_fn = {key: [0.0] * n for key in keys}
     failed = [False] * n
@@ -149,18 +150,21 @@ def _describe(err: BaseException) -> str:
 
 @dataclass
 class Score:
-    """One sample's reward: the weighted total, whether it counts as correct, and any failure."""
+    """One sample's reward: the weighted total, whether it counts as correct, any failure, and each
+    function's raw value by its key (`reward.normalize_each` normalizes these per group)."""
 
     total: float
     correct: bool
     failed: bool
     error: str | None
+    terms: dict[str, float] = field(default_factory=dict)
 
 
 def score_completion(completion: str, example: Example, cfg: RewardConfig) -> Score:
     """`compute_rewards` for one sample: what a reward worker does for each sample as it finishes."""
     result = compute_rewards([completion], [example], cfg)
-    return Score(result.total[0], result.correct[0], result.failed[0], "; ".join(result.errors) or None)
+    return Score(result.total[0], result.correct[0], result.failed[0], "; ".join(result.errors) or None,
+                 {key: values[0] for key, values in result.per_fn.items()})
 
 
-__all__ = ["REWARDS", "RewardResult", "Score", "compute_rewards", "score_completion"]
+__all__ = ["REWARDS", "RewardResult", "Score", "compute_rewards", "reward_keys", "score_completion"]

@@ -60,7 +60,7 @@ def effective_algorithm(cfg: RunConfig):
 
 # Estimators whose advantages for a group depend on that group's rewards alone, so that groups trained
 # in chunks get the advantages the whole batch would give them; batch and running statistics do not.
-PER_GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+PER_GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "opo", "remax")
 
 
 def streaming_blockers(cfg: RunConfig) -> list[str]:
@@ -131,7 +131,8 @@ class Learner:
                 ref = copy.deepcopy(self.model).requires_grad_(False)
         self.parallel = DataParallel.current()
         # the value model starts as a copy of the unsharded policy body, then shards itself
-        self.critic = (CriticTrainer(self.model, cfg.train, algo, self.parallel)
+        self.critic = (CriticTrainer(self.model, cfg.train, algo, self.parallel,
+                                     self.pipeline.trainer_options(cfg).get("max_new_tokens"))
                        if algo.advantage in CRITIC_ADVANTAGES else None)
         if self.parallel is not None:
             shard_model(self.model)  # before the optimizer exists: it must hold the sharded parameters

@@ -2,7 +2,9 @@
 
 Everything that decides *which* samples train lives here, not in the rollout call:
 - **group completion**: a group is complete when G of its samples are in (with redundant rollouts,
-  the first G to finish; failed samples of pipelines that drop them do not count);
+  the first G to finish; failed samples of pipelines that drop them do not count) and so is its
+  baseline sample if it has one (ReMax's greedy reply, index `BASELINE_INDEX`): that one never
+  trains, its reward goes to the group's samples as info "baseline_reward";
 - **filters**: DAPO's overlong shaping, then dynamic sampling (a group whose rewards do not vary is
   dropped the moment it completes, and a replacement is launched);
 - **the staleness bound**: a group trains only if its oldest sampled token is at most k versions
@@ -26,6 +28,7 @@ import torch
 
 from rollmill.algos.filters import informative_groups, overlong_penalty
 from rollmill.config import RunConfig
+from rollmill.pipelines.common import BASELINE_INDEX
 from rollmill.types import GroupSpec, Trajectory
 
 
@@ -35,6 +38,11 @@ class _Group:
     version: int  # the rollout weights when it was launched
     trajs: list[Trajectory] = field(default_factory=list)
     arrived: int = 0
+    baseline: Trajectory | None = None  # its baseline sample, once in
+
+    @property
+    def awaits_baseline(self) -> bool:
+        return self.baseline is None and BASELINE_INDEX in self.spec.indices
 
 
 @dataclass
@@ -119,9 +127,11 @@ class SampleQueue:
             self.count("async/discarded_samples")
             return None
         group.arrived += 1
-        if not (self.drop_failed and traj.failed) or self.extra_samples == 0:
+        if traj.index == BASELINE_INDEX:
+            group.baseline = traj
+        elif not (self.drop_failed and traj.failed) or self.extra_samples == 0:
             group.trajs.append(traj)
-        if len(group.trajs) < self.size and group.arrived < len(group.spec.indices):
+        if (len(group.trajs) < self.size or group.awaits_baseline) and group.arrived < len(group.spec.indices):
             return None
         del self.inflight[traj.group_id]
         self._complete(group)
@@ -133,7 +143,10 @@ class SampleQueue:
             self.dropped.append(sorted(group.trajs, key=lambda t: t.index))
             self._drop("groups/dropped_for_failure")
             return
-        self._shape(trajs)
+        self._shape(trajs + ([group.baseline] if group.baseline else []))
+        if group.baseline is not None:
+            for t in trajs:
+                t.info["baseline_reward"] = group.baseline.reward
         if self.drop_failed and any(t.failed for t in trajs):
             self.dropped.append(trajs)
             self._drop("groups/dropped_for_failure")
@@ -159,6 +172,7 @@ class SampleQueue:
         lengths = torch.tensor([t.sampled_tokens for t in trajs])
         for t, s in zip(trajs, overlong_penalty(lengths, self.cfg.rollout.sampling.max_new_tokens, cache)):
             t.turns[-1].reward = t.turns[-1].reward + float(s)
+            t.info["overlong_penalty"] = float(s)
 
     def _drop(self, key: str) -> None:
         self.count(key)
@@ -237,7 +251,8 @@ class SampleQueue:
         self.count("tail/deferred_prompts", len(ids))
 
     def _again(self, spec: GroupSpec) -> GroupSpec:
-        return replace(spec, indices=tuple(range(self.size)), attempt=spec.attempt + 1)
+        baseline = tuple(i for i in spec.indices if i == BASELINE_INDEX)
+        return replace(spec, indices=tuple(range(self.size)) + baseline, attempt=spec.attempt + 1)
 
     def overdue(self, next_update: int) -> list[int]:
         """Asynchronous tail batching: short-round groups in flight that can no longer train in update

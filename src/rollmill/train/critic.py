@@ -42,13 +42,15 @@ class ValueModel(nn.Module):
 
 class CriticTrainer:
     """Owns the value model and its optimizer; fits values to GAE returns with the same schedule
-    (epochs, mini-batches, micro-batches) as the policy."""
+    (epochs, mini-batches, micro-batches) as the policy, the value loss aggregated by
+    `algorithm.value_loss_agg` over each mini-batch."""
 
     def __init__(self, policy: PreTrainedModel, train_cfg: TrainConfig, algo_cfg: AlgorithmConfig,
-                 parallel: DataParallel | None = None):
+                 parallel: DataParallel | None = None, norm_length: int | None = None):
         """`policy` unsharded (the value model starts as a copy of its body); with `parallel` the value
         model is sharded over the data-parallel group and each rank fits its share of every batch, as
-        the policy trainer does (train/parallel.py)."""
+        the policy trainer does (train/parallel.py). `norm_length` is the constant length of the
+        seq-mean-token-sum-norm aggregation (None: the batch's completion width)."""
         self.device = policy.get_output_embeddings().weight.device
         self.model = ValueModel(policy).to(self.device)
         self.parallel = parallel
@@ -56,6 +58,7 @@ class CriticTrainer:
             shard_model(self.model, getattr(policy, "_no_split_modules", None))
         self.cfg = train_cfg
         self.algo = algo_cfg
+        self.norm_length = norm_length
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=algo_cfg.critic_lr, betas=train_cfg.betas)
 
     @torch.no_grad()
@@ -79,7 +82,7 @@ class CriticTrainer:
         rewards = token_rewards_from_outcome(outcome, batch.mask, kl=token_kl, beta=beta)
         adv, returns = gae_advantages(rewards, old_values, batch.mask, self.algo.gamma, self.algo.lam)
         if self.algo.whiten_advantages:
-            adv = whiten(adv, batch.mask)
+            adv = whiten(adv, batch.mask, self.algo.std_eps)
         return advantage_clip(adv, self.algo.advantage_clip) * batch.mask, returns, old_values
 
     def step(self, batch: TrainBatch, old_values: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
@@ -106,14 +109,15 @@ class CriticTrainer:
     def _optimizer_step(self, batch, old_values, returns, mini: slice) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         mb = batch.select(mini)
-        seqs = float((mb.mask.sum(-1) > 0).sum())
-        total_seqs = max(seqs if self.parallel is None else self.parallel.sum([seqs])[0], 1.0)
+        counts = [float(mb.mask.sum()), float((mb.mask.sum(-1) > 0).sum())]
+        tokens, seqs = counts if self.parallel is None else self.parallel.sum(counts)
+        # the mini-batch's denominators (all ranks'), so the micro-batch losses add up to its loss
+        agg = dict(mode=self.algo.value_loss_agg, num_tokens=tokens, num_seqs=seqs,
+                   norm_length=self.norm_length or mb.completion_width)
         loss_sum = 0.0
         for sl, micro in mb.micro_batches(self.cfg.micro_batch_size):
-            seqs = float((micro.mask.sum(-1) > 0).sum())
-            # value_loss averages over this micro-batch's sequences; reweight to the mini-batch mean
-            loss = value_loss(self.model(micro), old_values[mini][sl], returns[mini][sl], micro.mask, self.algo.value_clip)
-            loss = loss * seqs / total_seqs
+            loss = value_loss(self.model(micro), old_values[mini][sl], returns[mini][sl], micro.mask,
+                              self.algo.value_clip, **agg)
             loss.backward()
             loss_sum += float(loss.detach())
         return loss_sum

@@ -30,7 +30,7 @@ class KLControl:
 
     def token_kl(self, batch: TrainBatch, ref_logp: torch.Tensor) -> torch.Tensor:
         """Per-token KL estimate [B, C] of the sampling policy against the reference, 0 off the mask."""
-        return kl_estimate(self.algo.kl_estimator, batch.behaviour_logprobs, ref_logp) * batch.mask
+        return kl_estimate(self.algo.kl_estimator, batch.behaviour_logprobs, ref_logp, batch.mask, self.algo.kl_clamp)
 
     def penalized_scores(self, scores: torch.Tensor, token_kl: torch.Tensor) -> torch.Tensor:
         """R - beta * sum_t k_t, for scores [P, G] and token_kl [P*G, C]."""

@@ -23,7 +23,10 @@ from transformers import PreTrainedModel
 
 from rollmill.algos import POLICY_LOSSES, aggregate_loss, kl_estimate
 from rollmill.algos.agentic import segment_log_ratio, segment_mismatch_mask
-from rollmill.algos.losses import loss_param_names, mismatch_mask, tis_weights
+from rollmill.algos.aggregation import count_seqs
+from rollmill.algos.clip_alternatives import gpg_alpha, valid_rows
+from rollmill.algos.kl import importance_weighted_kl
+from rollmill.algos.losses import PolicyLossOutput, loss_param_names, masked_log_ratio, mismatch_mask, tis_weights
 from rollmill.config import AlgorithmConfig, TrainConfig
 from rollmill.train.batch import TrainBatch
 from rollmill.train.logprobs import completion_logprobs
@@ -51,6 +54,11 @@ def loss_params(algo: AlgorithmConfig, **inputs: Any) -> dict[str, Any]:
     return {n: inputs[n] if n in inputs else getattr(algo, n) for n in names}
 
 
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x * mask with masked positions exactly 0, also where x is not finite there (padding may hold -inf)."""
+    return torch.where(mask > 0, x * mask, torch.zeros_like(x))
+
+
 def stream_blockers(train_cfg: TrainConfig, algo: AlgorithmConfig, max_new_tokens: int | None = None,
                     segment_mismatch_bound: float | None = None) -> list[str]:
     """Why this trainer configuration has no streamed update (empty: it has): a streamed update is
@@ -63,8 +71,9 @@ def stream_blockers(train_cfg: TrainConfig, algo: AlgorithmConfig, max_new_token
         reasons.append("algorithm.mismatch_ratio_bounds: the mismatch filter needs the old log-probs up front")
     if segment_mismatch_bound is not None:
         reasons.append("a segment mismatch bound needs the old log-probs up front")
-    if algo.loss_agg == "seq-mean-token-sum-norm" and max_new_tokens is None:
-        reasons.append("loss_agg seq-mean-token-sum-norm without max_new_tokens normalizes by the batch's width")
+    if algo.loss_agg == "seq-mean-token-sum-norm" and max_new_tokens is None and algo.loss_agg_norm_length is None:
+        reasons.append("loss_agg seq-mean-token-sum-norm without max_new_tokens or algorithm.loss_agg_norm_length "
+                       "normalizes by the batch's width")
     return reasons
 
 
@@ -75,7 +84,8 @@ class _Stream:
     sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     rows: int = 0
     tokens: float = 0.0  # valid tokens
-    seqs: float = 0.0  # rows with at least one valid token
+    seqs: float = 0.0  # N, counted per algorithm.loss_agg_seq_count
+    valid: float = 0.0  # rows with a non-zero advantage on a valid token (GPG's B - M)
 
 
 class PolicyTrainer:
@@ -120,6 +130,7 @@ class PolicyTrainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(train_cfg))
         self._stream: _Stream | None = None  # set between begin_stream and finish_stream
+        self._loss_scale = 1.0  # GPG's alpha of the batch `step` trains (algorithm.gpg_rescale)
 
     def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """Log-probs [B, C] of the batch's completions under the frozen reference policy."""
@@ -145,6 +156,8 @@ class PolicyTrainer:
         batch = batch.to(self.device)
         ref_logp = None if ref_logp is None else ref_logp.to(self.device)
         mini = self.cfg.mini_batch_size or batch.size
+        # rows of the whole batch and of its mini-batches, before sharding pads ranks with loss-free rows
+        size, global_mini = batch.size, mini
         if self.parallel is not None:
             batch, index, mini = self.parallel.shard(batch, mini)
             ref_logp = None if ref_logp is None else ref_logp[index]
@@ -172,22 +185,25 @@ class PolicyTrainer:
             dropped = self._global(float(batch.mask.sum() - kept.sum()))
             batch = batch.select(slice(None))  # a new batch object: the caller's mask stays as it was
             batch.mask = kept
+        if self.algo.gpg_rescale:  # over every rank's rows, after the mismatch filter has dropped its tokens
+            self._loss_scale = self._gpg_alpha(self._global(valid_rows(batch.token_advantages, batch.mask)), size)
         sums: dict[str, float] = defaultdict(float)
         self._mismatch_max = 0.0
         if old_logp is not None:
             # train/inference consistency (same weights, trainer vs engine log-probs), counted like every
             # other metric: per token, summed over epochs
             current = self._current_version(batch.mask, batch.versions)
-            self._mismatch_max = float(((old_logp - batch.behaviour_logprobs).abs() * current).max())
-            gap = ((old_logp - batch.behaviour_logprobs).abs() * current).sum()
-            sums["logprob_mismatch"] = float(gap) * self.cfg.ppo_epochs
+            gap = _masked((old_logp - batch.behaviour_logprobs).abs(), current)
+            self._mismatch_max = float(gap.max())
+            sums["logprob_mismatch"] = float(gap.sum()) * self.cfg.ppo_epochs
             sums["mismatch_tokens"] = float(current.sum()) * self.cfg.ppo_epochs
         grad_norms = []
         self.model.train()
         for _ in range(self.cfg.ppo_epochs):
-            for start in range(0, batch.size, mini):
+            for k, start in enumerate(range(0, batch.size, mini)):  # local mini-batch k is global mini-batch k
                 index = torch.arange(start, min(start + mini, batch.size))
-                grad_norms.append(self._optimizer_step(batch.select(index), index, old_logp, ref_logp, sums))
+                rows = min(global_mini, size - k * global_mini)
+                grad_norms.append(self._optimizer_step(batch.select(index), index, old_logp, ref_logp, sums, rows))
         self.model.eval()
         self.scheduler.step()
         metrics = self._metrics(sums, grad_norms)
@@ -227,8 +243,9 @@ class PolicyTrainer:
         self._timings["time/ref_logprobs_s"] += time.perf_counter() - t0
         s.rows += batch.size
         s.tokens += float(batch.mask.sum())
-        s.seqs += float((batch.mask.sum(-1) > 0).sum())
-        numerator = dict(mode=self.algo.loss_agg, num_tokens=1.0, num_seqs=1.0, norm_length=1.0)
+        s.seqs += count_seqs(batch.mask, self.algo.loss_agg_seq_count)
+        s.valid += valid_rows(batch.token_advantages, batch.mask)
+        numerator = {**self._agg(1.0, 1.0), "norm_length": 1.0}
         self.model.train()
         self._accumulate(batch, torch.arange(batch.size), None, ref_logp, s.sums, numerator)
         self.model.eval()
@@ -242,9 +259,10 @@ class PolicyTrainer:
             raise RuntimeError("finish_stream() outside a streamed update: call begin_stream() first")
         if s.rows == 0:
             return {}
-        agg = dict(mode=self.algo.loss_agg, num_tokens=s.tokens, num_seqs=s.seqs, norm_length=self.max_new_tokens)
-        # aggregate_loss of one token of loss 1 is exactly the factor it applies to a loss sum, whatever the mode
-        scale = float(aggregate_loss(torch.ones(1, 1), torch.ones(1, 1), **agg))
+        # aggregate_loss of one token of loss 1 is exactly the factor it applies to a loss sum, whatever the mode;
+        # GPG's alpha scales the whole loss the same way
+        agg = self._agg(s.tokens, s.seqs)
+        scale = float(aggregate_loss(torch.ones(1, 1), torch.ones(1, 1), **agg)) * self._gpg_alpha(s.valid, s.rows)
         for p in self.model.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
@@ -284,19 +302,33 @@ class PolicyTrainer:
             return mask
         return mask * (versions == self.version)
 
-    def _optimizer_step(self, mini: TrainBatch, index, old_logp, ref_logp, sums) -> float:
-        tokens, seqs = self._global(float(mini.mask.sum()), float((mini.mask.sum(-1) > 0).sum()))
-        agg = dict(mode=self.algo.loss_agg, num_tokens=tokens, num_seqs=seqs,
-                   norm_length=self.max_new_tokens or mini.completion_width)
+    def _agg(self, tokens: float, seqs: float, width: int | None = None) -> dict[str, Any]:
+        """aggregate_loss's mode, options and denominators for `tokens` valid tokens and `seqs` sequences; L_norm is
+        algorithm.loss_agg_norm_length, else max_new_tokens, else the batch's completion `width`."""
+        return dict(mode=self.algo.loss_agg, num_tokens=tokens, num_seqs=seqs,
+                    norm_length=self.algo.loss_agg_norm_length or self.max_new_tokens or width,
+                    norm_by_seqs=self.algo.loss_agg_norm_by_seqs)
+
+    def _gpg_alpha(self, valid: float, rows: float) -> float:
+        """GPG's alpha for a batch with `valid` of `rows` rows carrying an advantage; 1 without gpg_rescale."""
+        return gpg_alpha(valid, rows, self.algo.gpg_min_valid_fraction) if self.algo.gpg_rescale else 1.0
+
+    def _optimizer_step(self, mini: TrainBatch, index, old_logp, ref_logp, sums, rows: int) -> float:
+        """One optimizer step on `mini`, this rank's share of a global mini-batch of `rows` rows."""
+        tokens, nonempty = self._global(float(mini.mask.sum()), count_seqs(mini.mask))
+        seqs = float(rows) if self.algo.loss_agg_seq_count == "all" else nonempty  # padding rows are no sequences
+        agg = self._agg(tokens, seqs, mini.completion_width)
         self.optimizer.zero_grad(set_to_none=True)
-        self._accumulate(mini, index, old_logp, ref_logp, sums, agg)
+        self._accumulate(mini, index, old_logp, ref_logp, sums, agg, self._loss_scale)
         return self._apply_gradients()
 
-    def _accumulate(self, mini: TrainBatch, index, old_logp, ref_logp, sums, agg: dict) -> None:
+    def _accumulate(self, mini: TrainBatch, index, old_logp, ref_logp, sums, agg: dict,
+                    loss_scale: float = 1.0) -> None:
         """Forward/backward over the micro-batches of `mini`, adding to the gradients and to `sums`.
 
         `agg` holds aggregate_loss's mode and denominators; `index` maps rows of `mini` into `old_logp`
-        and `ref_logp` (None: a single pass, where the detached current log-probs are the old ones)."""
+        and `ref_logp` (None: a single pass, where the detached current log-probs are the old ones).
+        `loss_scale` multiplies the whole loss, KL term included (GPG's alpha, as in the authors' code)."""
         t0 = time.perf_counter()
         for sl, micro in mini.micro_batches(self.cfg.micro_batch_size):
             logp, entropy = completion_logprobs(self.model, micro, self.temperature, with_entropy=True,
@@ -314,26 +346,34 @@ class PolicyTrainer:
             loss = aggregate_loss(token_loss, micro.mask, **agg)
             m = micro.mask
             if ref_logp is not None:
-                kl = kl_estimate(self.algo.kl_estimator, logp, ref_logp[index[sl]])
+                kl = kl_estimate(self.algo.kl_estimator, logp, ref_logp[index[sl]], m, self.algo.kl_clamp)
                 if self.kl_coef > 0 and self.algo.kl_placement == "loss":
-                    loss = loss + self.kl_coef * aggregate_loss(kl, m, **agg)
-                sums["kl"] += float((kl.detach() * m).sum())
+                    term = importance_weighted_kl(kl, logp, old, m) if self.algo.kl_ratio_weighted else kl
+                    loss = loss + self.kl_coef * aggregate_loss(term, m, **agg)
+                sums["kl"] += float(kl.detach().sum())  # 0 off the mask
+            loss = loss * loss_scale
             loss.backward()
-            with torch.no_grad():
-                log_ratio = logp.detach() - old
-                sums["loss"] += float(loss.detach())  # micro losses add up to the mini-batch loss
-                sums["entropy"] += float((entropy * m).sum())
-                sums["clip_fraction"] += float((out.clipped.float() * m).sum())
-                sums["approx_kl"] += float(((log_ratio.exp() - 1 - log_ratio) * m).sum())
-                sums["ratio"] += float((out.ratio.detach() * m).sum())
-                if old_logp is None:  # single pass: logp is still the pre-update policy
-                    current = self._current_version(m, micro.versions)
-                    gap = (logp.detach() - micro.behaviour_logprobs).abs() * current
-                    sums["logprob_mismatch"] += float(gap.sum())
-                    sums["mismatch_tokens"] += float(current.sum())
-                    self._mismatch_max = max(self._mismatch_max, float(gap.max()))
-                sums["tokens"] += float(m.sum())
+            sums["loss"] += float(loss.detach())  # micro losses add up to the mini-batch loss
+            self._add_metrics(sums, micro, logp.detach(), old, entropy, out, single_pass=old_logp is None)
         self._timings["time/forward_backward_s"] += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _add_metrics(self, sums, micro: TrainBatch, logp, old, entropy, out: PolicyLossOutput,
+                     single_pass: bool) -> None:
+        """Add one micro-batch's token sums to `sums`; padding never enters them, whatever its log-probs."""
+        m = micro.mask
+        log_ratio = masked_log_ratio(logp, old, m)
+        sums["entropy"] += float(_masked(entropy, m).sum())
+        sums["clip_fraction"] += float(_masked(out.clipped.to(m.dtype), m).sum())
+        sums["approx_kl"] += float(_masked(log_ratio.exp() - 1 - log_ratio, m).sum())
+        sums["ratio"] += float(_masked(out.ratio.detach(), m).sum())
+        if single_pass:  # logp is still the pre-update policy
+            current = self._current_version(m, micro.versions)
+            gap = _masked((logp - micro.behaviour_logprobs).abs(), current)
+            sums["logprob_mismatch"] += float(gap.sum())
+            sums["mismatch_tokens"] += float(current.sum())
+            self._mismatch_max = max(self._mismatch_max, float(gap.max()))
+        sums["tokens"] += float(m.sum())
 
     def _apply_gradients(self) -> float:
         """Clip the accumulated gradients and take the optimizer step; returns the norm before clipping."""
