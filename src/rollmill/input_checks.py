@@ -34,7 +34,7 @@ VLLM_INSTALL = ("run `make install-vllm` and start rollmill from that environmen
 
 def input_problems(cfg: RunConfig) -> Iterator[Problem]:
     """Every problem with the task, the model folder and the engine and tracker packages `cfg` asks for."""
-    if cfg.pipeline == "rlvr":  # the agentic pipeline plays `env` and never reads `task`
+    if cfg.pipeline != "agentic":  # the agentic pipeline plays `env` and never reads `task`
         yield from task_problems(cfg.task)
     yield from model_problems(cfg.model)
     if cfg.rollout.engine == "vllm" and find_spec("vllm") is None:

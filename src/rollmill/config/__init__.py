@@ -24,6 +24,8 @@ from rollmill.config.algorithm import AlgorithmConfig
 from rollmill.config.base import Strict, check_device
 from rollmill.config.errors import format_validation_error
 from rollmill.config.runtime import AsyncConfig, RuntimeConfig, TailBatchingConfig
+from rollmill.config.dpo import DPOConfig
+from rollmill.config.sft import SFTConfig
 
 
 class TinyModelConfig(Strict):
@@ -236,12 +238,13 @@ class LogConfig(Strict):
 
 
 class RunConfig(Strict):
-    """Everything one `rollmill train` needs. `pipeline` picks RLVR (task + reward) or agentic (env + agent)."""
+    """Everything one `rollmill train` needs. `pipeline` picks RLVR (task + reward), agentic (env + agent) or
+    supervised fine-tuning (sft: task or chat data)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     name: str = "rlvr"
-    pipeline: Literal["rlvr", "agentic"] = "rlvr"
+    pipeline: Literal["rlvr", "agentic", "sft", "dpo"] = "rlvr"
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
     reward: RewardConfig = Field(default_factory=RewardConfig)
@@ -257,6 +260,8 @@ class RunConfig(Strict):
     async_: AsyncConfig = Field(AsyncConfig(), alias="async")
     runtime: RuntimeConfig = RuntimeConfig()
     tail_batching: TailBatchingConfig = TailBatchingConfig()
+    sft: SFTConfig = SFTConfig()
+    dpo: DPOConfig = DPOConfig()
 
     @property
     def lockstep(self) -> bool:
@@ -314,6 +319,31 @@ class RunConfig(Strict):
         if self.agent.ipa_resample >= self.rollout.group_size:
             raise ValueError(f"agent.ipa_resample={self.agent.ipa_resample} must be below rollout.group_size="
                              f"{self.rollout.group_size}: episode 0 of each group plays from the start")
+        return self
+
+    @model_validator(mode="after")
+    def _dpo_section_for_dpo(self) -> "RunConfig":
+        # by value, not by which keys were given: a saved config (run_dir/config.yaml) holds every key
+        if self.pipeline != "dpo" and self.dpo != DPOConfig():
+            raise ValueError(f"the dpo section applies only to pipeline 'dpo' (pipeline is {self.pipeline!r})")
+        return self
+
+    @model_validator(mode="after")
+    def _sft_fits(self) -> "RunConfig":
+        """SFT trains in this process from the chat template's masks; its section means nothing elsewhere."""
+        if self.pipeline != "sft":
+            # by value, not by which keys were given: a saved config (run_dir/config.yaml) holds every key
+            if self.sft != SFTConfig():
+                raise ValueError(f"the sft section applies only to pipeline 'sft' (pipeline is {self.pipeline!r})")
+            return self
+        if self.runtime.backend != "local":
+            raise ValueError(f"pipeline 'sft' trains in this process: runtime.backend must be 'local' "
+                             f"(got {self.runtime.backend!r})")
+        if self.runtime.learner.ranks != 1:
+            raise ValueError(f"pipeline 'sft' trains on one process: runtime.learner.ranks must be 1 "
+                             f"(got {self.runtime.learner.ranks})")
+        if not self.task.chat_template:
+            raise ValueError("pipeline 'sft' takes its loss masks from the chat template: task.chat_template must be true")
         return self
 
 

@@ -6,8 +6,9 @@ pipeline plugs in by registering here, without touching the runtime or the other
 
 from rollmill.pipelines.agentic import AgenticPipeline
 from rollmill.pipelines.base import EpisodeContext, Episodes, RLPipeline, Source
+from rollmill.pipelines.dpo import DPOPipeline
 from rollmill.pipelines.rlvr import RLVRPipeline
 
-PIPELINES: dict[str, RLPipeline] = {"rlvr": RLVRPipeline(), "agentic": AgenticPipeline()}
+PIPELINES: dict[str, RLPipeline] = {"rlvr": RLVRPipeline(), "agentic": AgenticPipeline(), "dpo": DPOPipeline()}
 
 __all__ = ["PIPELINES", "EpisodeContext", "Episodes", "RLPipeline", "Source"]

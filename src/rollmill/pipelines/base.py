@@ -69,6 +69,7 @@ class RLPipeline:
     name = ""
     headline = "eval/accuracy"  # the held-out metric shown in logs and the progress bar
     drop_failed_groups = False  # a group with a failed sample does not train (agentic: a broken env)
+    needs_reference = False  # the learner keeps a frozen copy of the initial policy whatever the KL settings
     samples_key, failed_key = "rollout/samples", "reward/failed"  # for the "everything fails" health check
     all_failed_message = ("the reward failed on every sample for {steps} steps in a row (last error: {error}); "
                           "see the log and fix reward.functions")

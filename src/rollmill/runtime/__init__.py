@@ -1,8 +1,8 @@
 """The runtime: rollout workers, reward workers, the sample queue and the learner, run in one process
 or as Ray actors, stepped by one run loop (docs/architecture.md).
 
-`train(cfg, run_dir)` is the entry point: it builds the roles on the configured backend, the job for
-the configured pipeline, and runs it.
+`train(cfg, run_dir)` is the entry point: it builds the job for the configured pipeline (RL: the roles on
+the configured backend; SFT: `runtime.sft.SFTJob`) and runs it.
 """
 
 from __future__ import annotations
@@ -33,13 +33,22 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, overwrite: bool =
     check_run_dir(run_dir, resume, overwrite)
     if resume:
         check_resume_config(cfg, run_dir)
+    if cfg.pipeline == "sft":
+        from rollmill.runtime.sft import SFTJob
+
+        return run_job(SFTJob(cfg, run_dir), cfg, run_dir, resume)
     return run_job(RLJob(cfg, run_dir, roles_for(cfg)), cfg, run_dir, resume)
 
 
 def evaluate(cfg: RunConfig, checkpoint: Path | None = None) -> tuple[dict, int]:
     """Held-out metrics of `checkpoint`'s weights (the initial ones when None) on one rollout worker;
-    returns them with the number of held-out prompts or episodes."""
+    returns them with the number of held-out prompts or episodes. An SFT run is scored as RLVR scores it:
+    greedy replies to the task's held-out split."""
     cfg = check_config(cfg)
+    if cfg.pipeline == "sft":
+        from rollmill.runtime.sft import rlvr_view
+
+        cfg = rlvr_view(cfg)
     from rollmill.models import load_model
     from rollmill.pipelines import PIPELINES
     from rollmill.runtime.worker import RolloutWorker

@@ -124,7 +124,7 @@ class Learner:
         self.changed_only = self.adapters is not None and cfg.rollout.engine != "vllm"
         algo = effective_algorithm(cfg)
         ref, ref_context = None, nullcontext
-        if algo.kl_coef > 0 or algo.track_kl:
+        if algo.kl_coef > 0 or algo.track_kl or self.pipeline.needs_reference:
             if self.adapters is not None:  # the base with its adapters off: no second copy of the weights
                 ref, ref_context = self.model, self.adapters.disable_adapter
             else:

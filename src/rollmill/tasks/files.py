@@ -91,14 +91,19 @@ def _read_jsonl(path: Path, cfg: TaskConfig) -> list[Row]:
     return rows
 
 
-def _read_json(path: Path, cfg: TaskConfig) -> list[Row]:
+def read_json_array(path: Path) -> list:
+    """The records of a .json file holding one array; DataError naming the line otherwise."""
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: line {err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: line 1: expected a JSON array of objects, got {type(records).__name__}")
-    return [_check(r, i, f"row index {i}", path, cfg) for i, r in enumerate(records)]
+    return records
+
+
+def _read_json(path: Path, cfg: TaskConfig) -> list[Row]:
+    return [_check(r, i, f"row index {i}", path, cfg) for i, r in enumerate(read_json_array(path))]
 
 
 def _read_parquet(path: Path, cfg: TaskConfig) -> list[Row]:

@@ -130,6 +130,7 @@ class PolicyTrainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(train_cfg))
         self._stream: _Stream | None = None  # set between begin_stream and finish_stream
+        self._timings: dict[str, float] = defaultdict(float)  # of the update in progress; `step` starts it afresh
         self._loss_scale = 1.0  # GPG's alpha of the batch `step` trains (algorithm.gpg_rescale)
 
     def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
@@ -267,7 +268,7 @@ class PolicyTrainer:
             if p.grad is not None:
                 p.grad.mul_(scale)
         s.sums["loss"] *= scale
-        grad_norm = self._apply_gradients()
+        grad_norm = self.apply_gradients()
         self.scheduler.step()
         return self._metrics(s.sums, [grad_norm])
 
@@ -320,7 +321,7 @@ class PolicyTrainer:
         agg = self._agg(tokens, seqs, mini.completion_width)
         self.optimizer.zero_grad(set_to_none=True)
         self._accumulate(mini, index, old_logp, ref_logp, sums, agg, self._loss_scale)
-        return self._apply_gradients()
+        return self.apply_gradients()
 
     def _accumulate(self, mini: TrainBatch, index, old_logp, ref_logp, sums, agg: dict,
                     loss_scale: float = 1.0) -> None:
@@ -375,7 +376,7 @@ class PolicyTrainer:
             self._mismatch_max = max(self._mismatch_max, float(gap.max()))
         sums["tokens"] += float(m.sum())
 
-    def _apply_gradients(self) -> float:
+    def apply_gradients(self) -> float:
         """Clip the accumulated gradients and take the optimizer step; returns the norm before clipping."""
         t0 = time.perf_counter()
         params = [p for p in self.model.parameters() if p.grad is not None]
