@@ -33,7 +33,7 @@ from rollmill.pipelines import PIPELINES
 from rollmill.pipelines.common import spread
 from rollmill.runtime.learner import streaming_blockers
 from rollmill.runtime.queue import SampleQueue, StepData
-from rollmill.train import list_checkpoints
+from rollmill.train.checkpoint import newest_readable
 from rollmill.types import GroupSpec
 
 log = logging.getLogger(__name__)
@@ -236,26 +236,23 @@ class RLJob:
                                {QUEUE_FILE: pickle.dumps(queue)})
 
     def resume(self) -> dict | None:
-        ckpts = list_checkpoints(self.run_dir / "checkpoints")
-        for ckpt in reversed(ckpts):  # newest first; an unreadable one falls back to the one before
-            try:
-                state = self.roles.load(ckpt)
-                queue = pickle.loads((ckpt / QUEUE_FILE).read_bytes()) if (ckpt / QUEUE_FILE).is_file() else None
-            except Exception as err:  # noqa: BLE001 - any unreadable file: the reason is logged, the run goes on
-                log.warning("checkpoint %s cannot be read (%s: %s); trying the one before", ckpt, type(err).__name__,
-                            str(err).splitlines()[0][:200] if str(err) else "")
-                continue
-            self.step = state["step"]
-            self.source.load_state(state["source"])
-            if queue is not None:
-                self._restart = self.queue.load_state(queue)
-            self.roles.publish(self.step, wait=True)
-            self.published = self.step
-            log.info("resumed from %s (step %d)", ckpt, self.step)
-            return state
-        if ckpts:
-            raise RuntimeError(f"no checkpoint under {self.run_dir / 'checkpoints'} can be read (see the warnings above)")
-        return None
+        found = newest_readable(self.run_dir / "checkpoints", self._read_checkpoint)
+        if found is None:
+            return None
+        ckpt, (state, queue) = found
+        self.step = state["step"]
+        self.source.load_state(state["source"])
+        if queue is not None:
+            self._restart = self.queue.load_state(queue)
+        self.roles.publish(self.step, wait=True)
+        self.published = self.step
+        log.info("resumed from %s (step %d)", ckpt, self.step)
+        return state
+
+    def _read_checkpoint(self, ckpt: Path) -> tuple[dict, dict | None]:
+        """The learner's state restored from `ckpt`, and the sample queue's saved state (None in older checkpoints)."""
+        state = self.roles.load(ckpt)
+        return state, pickle.loads((ckpt / QUEUE_FILE).read_bytes()) if (ckpt / QUEUE_FILE).is_file() else None
 
     def close(self) -> None:
         self.roles.close()

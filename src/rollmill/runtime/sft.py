@@ -26,7 +26,7 @@ from rollmill.pipelines.rlvr import PromptSource
 from rollmill.runtime.learner import Learner
 from rollmill.runtime.worker import RolloutWorker, wait_for_update
 from rollmill.sft import Tokenized, load_chat, packed_batches, task_conversation, token_nll, tokenize_conversation
-from rollmill.train import list_checkpoints
+from rollmill.train.checkpoint import newest_readable
 
 log = logging.getLogger(__name__)
 
@@ -170,21 +170,14 @@ class SFTJob:
 
     def resume(self) -> dict | None:
         """Restore the newest readable checkpoint (an unreadable one falls back to the one before)."""
-        ckpts = list_checkpoints(self.run_dir / "checkpoints")
-        for ckpt in reversed(ckpts):
-            try:
-                state = self.learner.load(ckpt)
-            except Exception as err:  # noqa: BLE001 - any unreadable file: the reason is logged, the run goes on
-                log.warning("checkpoint %s cannot be read (%s: %s); trying the one before", ckpt,
-                            type(err).__name__, str(err)[:200])
-                continue
-            self.step = state["step"]
-            self.cursor = PromptCursor(self.cursor.size, self.cursor.seed, **state["cursor"])
-            log.info("resumed from %s (step %d)", ckpt, self.step)
-            return state
-        if ckpts:
-            raise RuntimeError(f"no checkpoint under {self.run_dir / 'checkpoints'} can be read (see the warnings above)")
-        return None
+        found = newest_readable(self.run_dir / "checkpoints", self.learner.load)
+        if found is None:
+            return None
+        ckpt, state = found
+        self.step = state["step"]
+        self.cursor = PromptCursor(self.cursor.size, self.cursor.seed, **state["cursor"])
+        log.info("resumed from %s (step %d)", ckpt, self.step)
+        return state
 
     def close(self) -> None:
         if self.worker is not None:

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -29,6 +31,8 @@ from safetensors.torch import load_file, load_model, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+log = logging.getLogger(__name__)
 
 PREFIX = "step_"
 MODEL_FILE = "model.safetensors"
@@ -151,6 +155,22 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
         return []
     found = [p for p in ckpt_root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def newest_readable(ckpt_root: Path, read: Callable[[Path], Any]) -> tuple[Path, Any] | None:
+    """(checkpoint, read(checkpoint)) for the newest checkpoint under `ckpt_root` that `read` can read: an
+    unreadable one is logged with its reason and the one before is tried. None when there is no checkpoint;
+    RuntimeError when there are some and none can be read."""
+    ckpts = list_checkpoints(ckpt_root)
+    for ckpt in reversed(ckpts):
+        try:
+            return ckpt, read(ckpt)
+        except Exception as err:  # noqa: BLE001 - any unreadable file: the reason is logged, the run goes on
+            log.warning("checkpoint %s cannot be read (%s: %s); trying the one before", ckpt, type(err).__name__,
+                        str(err).splitlines()[0][:200] if str(err) else "")
+    if ckpts:
+        raise RuntimeError(f"no checkpoint under {ckpt_root} can be read (see the warnings above)")
+    return None
 
 
 def load_weights(path: Path, model) -> None:
