@@ -107,10 +107,8 @@ class SFTJob:
             nll_sum += float(nll.detach().sum())
         model.eval()
         t1 = time.perf_counter()
-        params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm))
         lr = trainer.scheduler.get_last_lr()[0]  # the rate this step's update uses
-        trainer.optimizer.step()
+        grad_norm = trainer.apply_gradients()
         trainer.scheduler.step()
         self.step += 1
         self.learner.version = self.step
