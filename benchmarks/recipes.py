@@ -1,9 +1,14 @@
 """Recipe study: which RL recipe learns fastest here, per second of training, and rollmill vs TRL.
 
-Every run trains SmolLM2-135M-Instruct (fp32, CPU, 2 torch threads) on one arithmetic task with the
-same workload: 4 prompts x 8 samples per step, up to 16 new tokens at temperature 1.0, lr 1e-5,
-reward 1 when the first integer of the reply is the answer, no KL, the task's seed-0 split. A run
-stops once its *training* time (rollout + update; evaluation excluded) reaches `--budget-s`.
+Every run trains SmolLM2-135M-Instruct (fp32, CPU) on one arithmetic task with the main job's
+workload: 4 prompts x 8 samples per step, up to 12 new tokens at temperature 1.0, lr 1e-5, reward 1
+when the first integer of the reply is the answer, no KL, the task's seed-0 split. A run stops once
+its *training* time (rollout + update; evaluation excluded) reaches `--budget-s`.
+
+Clocks. With `--parallel 1` (default) one run at a time uses `--threads` (default 2) torch threads and
+training time is wall-clock. With `--parallel N` N runs go at once, each pinned to its own core with
+one thread, and training time is the run's process CPU time: on an otherwise idle core that equals
+its wall-clock, and it stays fair to every run when the machine is shared, which wall-clock does not.
 
 Recipes are rollmill's presets as `examples/presets/<name>.yaml` writes them (algorithm and filters
 sections; e.g. DAPO's dynamic sampling): grpo, dr_grpo, dapo, lite_ppo, gspo, cispo, rloo,
@@ -23,6 +28,7 @@ studies it imitates; read the spreads before the means.
 
 Run: python benchmarks/recipes.py [--tasks larger_of_two,add_2digit] [--recipes grpo,...]
         [--seeds 0,1] [--budget-s 300] [--eval-every 5] [--no-trl] [--model smollm2|tiny] [--out DIR]
+        [--parallel N] [--threads T]
 `--model tiny --budget-s 10 --recipes grpo --tasks larger_of_two --seeds 0` smoke-tests the script.
 Last line: `RESULT key=value ...`.
 """
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -42,8 +49,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ("grpo", "dr_grpo", "dapo", "lite_ppo", "gspo", "cispo", "rloo", "reinforce_pp_baseline")
 TARGET = 0.8
-THREADS = 2
-PROMPTS, GROUP, NEW_TOKENS, LR = 4, 8, 16, 1e-5
+PROMPTS, GROUP, NEW_TOKENS, LR = 4, 8, 12, 1e-5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,8 +62,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-trl", action="store_true", help="skip the TRL GRPOTrainer baseline")
     p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     p.add_argument("--out", default=str(ROOT / "runs" / "recipes"))
+    p.add_argument("--parallel", type=int, default=1, help="runs at once, one core and one thread each (CPU-time clock)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default 2; 1 with --parallel > 1)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # "framework:recipe:task:seed", run in this process
+    p.add_argument("--cpu", type=int, help=argparse.SUPPRESS)  # the core a parallel child is pinned to
     args = p.parse_args(argv)
+    if args.parallel < 1 or args.parallel > (os.cpu_count() or 1):
+        p.error(f"--parallel {args.parallel}: choose 1 to {os.cpu_count()} (one core per run)")
+    if args.threads is None:
+        args.threads = 2 if args.parallel == 1 else 1
+    if args.parallel > 1 and args.threads != 1:
+        p.error("--parallel > 1 runs one thread per run (its CPU time is its clock): drop --threads")
+    args.clock = "wall" if args.parallel == 1 else "cpu"
     unknown = set(args.recipes.split(",")) - set(RECIPES)
     if unknown:
         p.error(f"unknown recipes {sorted(unknown)}; choose from {list(RECIPES)}")
@@ -114,6 +130,11 @@ def accuracy(model, tokenizer, examples, task_cfg, batch: int = 32) -> float:
     return correct / len(examples)
 
 
+def clock(args):
+    """The training-time clock: wall-clock, or the process's CPU time when runs share the machine."""
+    return time.perf_counter if args.clock == "wall" else time.process_time
+
+
 def train_rollmill(args, recipe: str, task: str, seed: int) -> list[dict]:
     import tempfile
 
@@ -127,10 +148,11 @@ def train_rollmill(args, recipe: str, task: str, seed: int) -> list[dict]:
         job = RLJob(cfg, Path(tmp) / "run", LocalRoles)
         model = job.roles.learner.model
         curve, trained, step = [{"step": 0, "train_s": 0.0, "accuracy": accuracy(model, tokenizer, examples, cfg.task)}], 0.0, 0
+        now = clock(args)
         while trained < args.budget_s:
-            t0 = time.perf_counter()
+            t0 = now()
             job.train_step()
-            trained, step = trained + time.perf_counter() - t0, step + 1
+            trained, step = trained + now() - t0, step + 1
             if step % args.eval_every == 0 or trained >= args.budget_s:
                 curve.append({"step": step, "train_s": trained, "accuracy": accuracy(model, tokenizer, examples, cfg.task)})
                 print(f"  {recipe} {task} seed {seed}: step {step} {trained:.0f}s acc {curve[-1]['accuracy']:.3f}",
@@ -160,22 +182,29 @@ def train_trl(args, task: str, seed: int) -> list[dict]:
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": train[i].prompt}], "answer": train[i].answer}
                               for i in order])
 
+    now = clock(args)
+
     class Budget(TrainerCallback):
-        """Times training steps only; evaluates every eval_every steps; stops at the budget."""
+        """Times everything from one step's end to the next but evaluation; evaluates every eval_every steps.
+
+        Timing between step ends, not from on_step_begin, also counts the batch fetch the Trainer does
+        before on_step_begin.
+        """
 
         def __init__(self, model, tokenizer):
-            self.model, self.tokenizer, self.trained, self.t0, self.curve = model, tokenizer, 0.0, 0.0, []
+            self.model, self.tokenizer, self.trained, self.mark, self.curve = model, tokenizer, 0.0, 0.0, []
 
-        def on_step_begin(self, *_, **__):
-            self.t0 = time.perf_counter()
+        def on_train_begin(self, *_, **__):
+            self.mark = now()
 
         def on_step_end(self, _args, state, control, **__):
-            self.trained += time.perf_counter() - self.t0
+            self.trained += now() - self.mark
             if state.global_step % args.eval_every == 0 or self.trained >= args.budget_s:
                 acc = accuracy(self.model, self.tokenizer, examples, cfg.task)
                 self.curve.append({"step": state.global_step, "train_s": self.trained, "accuracy": acc})
                 print(f"  trl {task} seed {seed}: step {state.global_step} {self.trained:.0f}s acc {acc:.3f}", flush=True)
             control.should_training_stop = self.trained >= args.budget_s
+            self.mark = now()
 
     with tempfile.TemporaryDirectory(prefix="recipes-trl-") as tmp:
         path = model_dir(argparse.Namespace(model=args.model), tmp)
@@ -201,19 +230,24 @@ def train_trl(args, task: str, seed: int) -> list[dict]:
 def run_child(args) -> int:
     import torch
 
-    torch.set_num_threads(THREADS)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    torch.set_num_threads(args.threads)
     framework, recipe, task, seed = args.child.split(":")
     curve = train_trl(args, task, int(seed)) if framework == "trl" else train_rollmill(args, recipe, task, int(seed))
     with open(Path(args.out) / "results.jsonl", "a") as f:
         f.write(json.dumps({"framework": framework, "recipe": recipe, "task": task, "seed": int(seed),
-                            "budget_s": args.budget_s, "model": args.model, "curve": curve}) + "\n")
+                            "budget_s": args.budget_s, "model": args.model, "clock": args.clock,
+                            "threads": args.threads, "curve": curve}) + "\n")
     return 0
 
 
 def load_results(out: Path, args) -> list[dict]:
     path = out / "results.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    return [r for r in rows if r["budget_s"] == args.budget_s and r["model"] == args.model]
+    # runs timed another way are not comparable with these
+    same = {"budget_s": args.budget_s, "model": args.model, "clock": args.clock, "threads": args.threads}
+    return [r for r in rows if all(r.get(k) == v for k, v in same.items())]
 
 
 def time_to(curve: list[dict], target: float) -> float | None:
@@ -291,6 +325,28 @@ def result_line(stats: dict, tasks: list[str]) -> str:
     return "RESULT " + " ".join(parts)
 
 
+def run_all(args, out: Path, runs: list[tuple]) -> None:
+    """Runs each as a child process, `args.parallel` at a time, each parallel child on its own core."""
+    free, running = list(range(args.parallel)), {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    while runs or running:
+        while runs and free:
+            run, cpu = runs.pop(0), free.pop(0)
+            print(f"--- {' '.join(map(str, run))}", flush=True)
+            child = [sys.executable, __file__, "--child", ":".join(map(str, run)), "--out", str(out),
+                     "--budget-s", str(args.budget_s), "--eval-every", str(args.eval_every), "--model", args.model,
+                     "--parallel", str(args.parallel), "--threads", str(args.threads)]
+            if args.parallel > 1:
+                child += ["--cpu", str(cpu)]
+            running[subprocess.Popen(child, env=env)] = (run, cpu)
+        while (proc := next((p for p in running if p.poll() is not None), None)) is None:
+            time.sleep(1)
+        run, cpu = running.pop(proc)
+        free.append(cpu)
+        if proc.returncode:
+            print(f"--- {' '.join(map(str, run))} failed; going on", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -299,20 +355,15 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
     done = {(r["framework"], r["recipe"], r["task"], r["seed"]) for r in load_results(out, args)}
-    runs = [("rollmill", recipe, task, seed) for task in tasks for recipe in args.recipes.split(",") for seed in seeds]
+    # seed-major order: an interrupted study has every recipe's first seeds before any recipe's last
+    runs = [("rollmill", recipe, task, seed) for seed in seeds for task in tasks for recipe in args.recipes.split(",")]
     if not args.no_trl:
-        runs += [("trl", "grpo", task, seed) for task in tasks for seed in seeds]
-    for run in runs:
-        if run in done:
-            continue
-        if run[0] == "trl" and subprocess.run([sys.executable, "-c", "import trl"], capture_output=True).returncode:
+        if subprocess.run([sys.executable, "-c", "import trl"], capture_output=True).returncode:
             print("--- trl is not installed (make bench installs it): no TRL baseline", flush=True)
-            continue
-        print(f"--- {' '.join(map(str, run))}", flush=True)
-        child = [sys.executable, __file__, "--child", ":".join(map(str, run)), "--out", str(out),
-                 "--budget-s", str(args.budget_s), "--eval-every", str(args.eval_every), "--model", args.model]
-        if subprocess.run(child).returncode:
-            print(f"--- {' '.join(map(str, run))} failed; going on", flush=True)
+        else:
+            runs += [("trl", "grpo", task, seed) for seed in seeds for task in tasks]
+            runs.sort(key=lambda run: seeds.index(run[3]))
+    run_all(args, out, [run for run in runs if run not in done])
     rows = [r for r in load_results(out, args) if r["task"] in tasks]
     stats = summary(rows)
     print(write_table(stats, out))
