@@ -30,7 +30,7 @@ studies it imitates; read the spreads before the means.
 
 Run: python benchmarks/recipes.py [--tasks larger_of_two,add_2digit] [--recipes grpo,...]
         [--seeds 0,1] [--budget-s 300] [--eval-every 5] [--no-trl] [--model smollm2|tiny] [--out DIR]
-        [--parallel N] [--threads T] [--trl-budget-s S] [--trl-eval-every K]
+        [--parallel N] [--threads T] [--trl-budget-s S] [--trl-eval-every K] [--report]
 `--model tiny --budget-s 10 --recipes grpo --tasks larger_of_two --seeds 0` smoke-tests the script.
 Last line: `RESULT key=value ...`.
 """
@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trl-eval-every", type=int, help="the TRL runs' (default: --eval-every); TRL's steps take "
                    "longer, so fewer steps between evaluations keep time to target as fine-grained")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL GRPOTrainer baseline")
+    p.add_argument("--report", action="store_true", help="run nothing: the table, plots and RESULT of what --out holds")
     p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     p.add_argument("--out", default=str(ROOT / "runs" / "recipes"))
     p.add_argument("--parallel", type=int, default=1, help="runs at once, one core and one thread each (CPU-time clock)")
@@ -84,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.trl_budget_s = args.budget_s
     if args.trl_eval_every is None:
         args.trl_eval_every = args.eval_every
-    unknown = set(args.recipes.split(",")) - set(RECIPES)
+    args.recipes = [r for r in args.recipes.split(",") if r]  # "" runs TRL alone
+    unknown = set(args.recipes) - set(RECIPES)
     if unknown:
         p.error(f"unknown recipes {sorted(unknown)}; choose from {list(RECIPES)}")
     return args
@@ -372,14 +374,15 @@ def main(argv=None) -> int:
     tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
     done = {(r["framework"], r["recipe"], r["task"], r["seed"]) for r in load_results(out, args)}
     # seed-major order: an interrupted study has every recipe's first seeds before any recipe's last
-    runs = [("rollmill", recipe, task, seed) for seed in seeds for task in tasks for recipe in args.recipes.split(",")]
+    runs = [("rollmill", recipe, task, seed) for seed in seeds for task in tasks for recipe in args.recipes]
     if not args.no_trl:
         if subprocess.run([sys.executable, "-c", "import trl"], capture_output=True).returncode:
             print("--- trl is not installed (make bench installs it): no TRL baseline", flush=True)
         else:
             runs += [("trl", "grpo", task, seed) for seed in seeds for task in tasks]
             runs.sort(key=lambda run: seeds.index(run[3]))
-    run_all(args, out, [run for run in runs if run not in done])
+    if not args.report:
+        run_all(args, out, [run for run in runs if run not in done])
     rows = [r for r in load_results(out, args) if r["task"] in tasks]
     stats = summary(rows)
     print(write_table(stats, out))
