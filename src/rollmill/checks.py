@@ -50,6 +50,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
 
 def _signal_problems(cfg: RunConfig) -> Iterator[Problem]:
     """Settings under which the update can never move the policy."""
+    if cfg.pipeline in ("sft", "distill"):  # no advantages: one sample per prompt is an ordinary setting there
+        return
     algo = cfg.algorithm
     group_baseline = algo.advantage in GROUP_BASELINE_ADVANTAGES or (algo.advantage == "normalized"
                                                                       and algo.norm_mean == "group")

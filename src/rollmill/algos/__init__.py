@@ -6,6 +6,7 @@ configs to a function; the catalog grows by adding entries, not by touching the 
 
 from rollmill.algos.advantages import ADVANTAGES, group_normalized_advantages
 from rollmill.algos.aggregation import LOSS_AGGREGATIONS, aggregate_loss
+from rollmill.algos.distill import ddk_update, token_kl, topk_forward_kl
 from rollmill.algos.gae import reinforce_pp_token_advantages
 from rollmill.algos.kl import KL_ESTIMATORS, kl_estimate
 from rollmill.algos.losses import POLICY_LOSSES, PolicyLossOutput, ppo_clip_loss
@@ -34,7 +35,10 @@ __all__ = [
     "TOKEN_ADVANTAGES",
     "PolicyLossOutput",
     "aggregate_loss",
+    "ddk_update",
     "group_normalized_advantages",
     "kl_estimate",
     "ppo_clip_loss",
+    "token_kl",
+    "topk_forward_kl",
 ]

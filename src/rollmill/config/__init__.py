@@ -23,6 +23,8 @@ from rollmill.config.algorithm import AlgorithmConfig
 from rollmill.config.base import Strict, check_device
 from rollmill.config.errors import format_validation_error
 from rollmill.config.runtime import AsyncConfig, RuntimeConfig, TailBatchingConfig
+from rollmill.config.cascade import CascadeConfig, check_stages
+from rollmill.config.distill import DistillConfig
 from rollmill.config.dpo import DPOConfig
 from rollmill.config.sft import SFTConfig
 from rollmill.config.training import CheckpointConfig, EvalConfig, LogConfig, TrackerName, TrainConfig
@@ -69,6 +71,9 @@ class ModelConfig(Strict):
     device: str = Field("auto", description="every role's device unless runtime.learner/rollout.device says "
                                             "otherwise: auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     lora: LoraConfig = LoraConfig()
+    keep_layers: int | None = Field(None, gt=0, description="keep only this many of the model's decoder layers, "
+                                    "evenly spaced, first and last included (a smaller student made from a bigger "
+                                    "model; embeddings and head stay); unset: every layer")
 
     @field_validator("device")
     @classmethod
@@ -80,6 +85,9 @@ class ModelConfig(Strict):
         if self.source == "hf_dir" and not self.path:
             raise ValueError("model.path is required when model.source is 'hf_dir'")
         return self
+
+
+DistillConfig.model_rebuild()  # its teacher is a ModelConfig, defined just above
 
 
 class RewardFn(Strict):
@@ -156,12 +164,13 @@ class FilterConfig(Strict):
 
 class RunConfig(Strict):
     """Everything one `rollmill train` needs. `pipeline` picks RLVR (task + reward), agentic (env + agent) or
-    supervised fine-tuning (sft: task or chat data)."""
+    supervised fine-tuning (sft: task or chat data); cascade chains SFT, a difficulty probe and RL (docs/cascade.md);
+    distill teaches a teacher model to the policy (docs/distill.md)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     name: str = "rlvr"
-    pipeline: Literal["rlvr", "agentic", "sft", "dpo"] = "rlvr"
+    pipeline: Literal["rlvr", "agentic", "sft", "dpo", "distill", "cascade"] = "rlvr"
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
     reward: RewardConfig = Field(default_factory=RewardConfig)
@@ -179,6 +188,8 @@ class RunConfig(Strict):
     tail_batching: TailBatchingConfig = TailBatchingConfig()
     sft: SFTConfig = SFTConfig()
     dpo: DPOConfig = DPOConfig()
+    distill: DistillConfig = DistillConfig()
+    cascade: CascadeConfig = CascadeConfig()
 
     @property
     def lockstep(self) -> bool:
@@ -243,6 +254,14 @@ class RunConfig(Strict):
         # by value, not by which keys were given: a saved config (run_dir/config.yaml) holds every key
         if self.pipeline != "dpo" and self.dpo != DPOConfig():
             raise ValueError(f"the dpo section applies only to pipeline 'dpo' (pipeline is {self.pipeline!r})")
+        if self.dpo.offline:  # the preference-file job trains in this process, its masks from the chat template
+            if self.runtime.backend != "local" or self.runtime.learner.ranks != 1:
+                raise ValueError(f"dpo.path trains on one local process: runtime.backend must be 'local' (got "
+                                 f"{self.runtime.backend!r}) and runtime.learner.ranks 1 (got "
+                                 f"{self.runtime.learner.ranks})")
+            if not self.task.chat_template:
+                raise ValueError("dpo.path takes its loss masks from the chat template: task.chat_template must be "
+                                 "true")
         return self
 
     @model_validator(mode="after")
@@ -250,8 +269,9 @@ class RunConfig(Strict):
         """SFT trains in this process from the chat template's masks; its section means nothing elsewhere."""
         if self.pipeline != "sft":
             # by value, not by which keys were given: a saved config (run_dir/config.yaml) holds every key
-            if self.sft != SFTConfig():
-                raise ValueError(f"the sft section applies only to pipeline 'sft' (pipeline is {self.pipeline!r})")
+            if self.sft != SFTConfig() and self.pipeline != "cascade":  # a cascade's SFT stages share it
+                raise ValueError(f"the sft section applies only to pipeline 'sft' and the SFT stages of pipeline "
+                                 f"'cascade' (pipeline is {self.pipeline!r})")
             return self
         if self.runtime.backend != "local":
             raise ValueError(f"pipeline 'sft' trains in this process: runtime.backend must be 'local' "
@@ -261,6 +281,37 @@ class RunConfig(Strict):
                              f"(got {self.runtime.learner.ranks})")
         if not self.task.chat_template:
             raise ValueError("pipeline 'sft' takes its loss masks from the chat template: task.chat_template must be true")
+        return self
+
+    @model_validator(mode="after")
+    def _cascade_fits(self) -> "RunConfig":
+        """A cascade's stages are configs of their own: each is validated here, so a bad override fails at load."""
+        if self.pipeline != "cascade":
+            if self.cascade != CascadeConfig():  # by value: a saved config holds every key
+                raise ValueError(f"the cascade section applies only to pipeline 'cascade' (pipeline is {self.pipeline!r})")
+            return self
+        check_stages(self.model_dump(mode="json", by_alias=True), config_from_dict)
+        return self
+
+    @model_validator(mode="after")
+    def _distill_fits(self) -> "RunConfig":
+        """Distillation trains in this process against a teacher; its section means nothing elsewhere."""
+        d = self.distill
+        if self.pipeline != "distill":
+            if d != DistillConfig():  # by value: a saved config holds every key
+                raise ValueError(f"the distill section applies only to pipeline 'distill' (pipeline is {self.pipeline!r})")
+            return self
+        if d.teacher is None:
+            raise ValueError("pipeline 'distill' needs distill.teacher: the teacher model, written like model: "
+                             "(e.g. source: hf_dir with a path)")
+        if d.teacher.lora.rank:
+            raise ValueError("distill.teacher.lora: a teacher is frozen and takes no adapters; set its rank to 0")
+        if self.runtime.backend != "local" or self.runtime.learner.ranks != 1:
+            raise ValueError("pipeline 'distill' trains in this process: runtime.backend must be 'local' and "
+                             f"runtime.learner.ranks 1 (got {self.runtime.backend!r}, {self.runtime.learner.ranks})")
+        if d.ddk_every and len(self.task.mix) < 2:
+            raise ValueError(f"distill.ddk_every={d.ddk_every} weighs domains, the sources of task.mix: list at "
+                             f"least two there (it has {len(self.task.mix)}), or set distill.ddk_every to 0")
         return self
 
 

@@ -110,6 +110,40 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
+def kept_layer_indices(total: int, keep: int) -> list[int]:
+    """`keep` of `total` layer indices, evenly spaced with the first and the last included (one layer: the first).
+
+    The first layer turns embeddings into the representation the rest work on and the last writes what
+    the head reads, and layer-pruning studies find those two the least removable; the layers between each
+    change the residual stream a little, so keeping every n-th of them keeps the network's depth profile."""
+    if not 0 < keep <= total:
+        raise ModelLoadError(f"model.keep_layers={keep}: the model has {total} decoder layers; keep 1 to {total}")
+    if keep == 1:
+        return [0]
+    return [int(i * (total - 1) / (keep - 1) + 0.5) for i in range(keep)]  # nearest, halves up
+
+
+def keep_layers(model: PreTrainedModel, keep: int) -> PreTrainedModel:
+    """`model` with only `keep` of its decoder layers (`kept_layer_indices`), in place: embeddings, final norm
+    and head unchanged, the kept layers renumbered 0..keep-1 (their state-dict names, their KV-cache index
+    and the config), so the pruned model saves and reloads as an ordinary one of `keep` layers."""
+    body = model.base_model
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ModelLoadError(f"model.keep_layers needs a decoder whose layers are a `layers` list "
+                             f"({type(model).__name__} has none)")
+    kept = kept_layer_indices(len(layers), keep)
+    body.layers = torch.nn.ModuleList(layers[i] for i in kept)
+    for new, layer in enumerate(body.layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new
+    model.config.num_hidden_layers = keep
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in kept]
+    return model
+
+
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
     """Return (model, tokenizer) for the configured source, the model in eval mode (no dropout)."""
     dtype = getattr(torch, cfg.dtype)
@@ -126,9 +160,11 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
         model, tokenizer = load_hf_dir(cfg.path, dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if cfg.keep_layers is not None:
+        keep_layers(model, cfg.keep_layers)
     model.eval()  # no dropout anywhere: rollout and training see the same function
     return model, tokenizer
 
 
-__all__ = ["ModelLoadError", "base_model_reference", "load_model", "load_hf_dir", "load_tokenizer", "smollm2_dir",
-           "cache_dir"]
+__all__ = ["ModelLoadError", "base_model_reference", "keep_layers", "kept_layer_indices", "load_model", "load_hf_dir",
+           "load_tokenizer", "smollm2_dir", "cache_dir"]

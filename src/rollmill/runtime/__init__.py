@@ -2,7 +2,8 @@
 or as Ray actors, stepped by one run loop (docs/architecture.md).
 
 `train(cfg, run_dir)` is the entry point: it builds the job for the configured pipeline (RL: the roles on
-the configured backend; SFT: `runtime.sft.SFTJob`) and runs it.
+the configured backend; SFT: `runtime.sft.SFTJob`; DPO on a preference file: `runtime.dpo_offline.DPOJob`;
+distillation: `runtime.distill.DistillJob`) and runs it; a cascade (`runtime.cascade`) runs its stages in turn.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, overwrite: bool =
     """Train per `cfg` into `run_dir`: continuing from its latest checkpoint with `resume`, replacing a run
     already there with `overwrite`; a run already there is refused otherwise (ConfigError)."""
     cfg = check_config(cfg)
+    if cfg.pipeline == "cascade":  # a run directory of stage directories, each stage a run of its own
+        from rollmill.runtime.cascade import run_cascade
+
+        return run_cascade(cfg, run_dir, resume, overwrite)
     check_run_dir(run_dir, resume, overwrite)
     if resume:
         check_resume_config(cfg, run_dir)
@@ -37,6 +42,14 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, overwrite: bool =
         from rollmill.runtime.sft import SFTJob
 
         return run_job(SFTJob(cfg, run_dir), cfg, run_dir, resume)
+    if cfg.pipeline == "distill":
+        from rollmill.runtime.distill import DistillJob
+
+        return run_job(DistillJob(cfg, run_dir), cfg, run_dir, resume)
+    if cfg.pipeline == "dpo" and cfg.dpo.offline:
+        from rollmill.runtime.dpo_offline import DPOJob
+
+        return run_job(DPOJob(cfg, run_dir), cfg, run_dir, resume)
     return run_job(RLJob(cfg, run_dir, roles_for(cfg)), cfg, run_dir, resume)
 
 
@@ -45,10 +58,18 @@ def evaluate(cfg: RunConfig, checkpoint: Path | None = None) -> tuple[dict, int]
     returns them with the number of held-out prompts or episodes. An SFT run is scored as RLVR scores it:
     greedy replies to the task's held-out split."""
     cfg = check_config(cfg)
+    if cfg.pipeline == "cascade":  # scored as its RL stage scores
+        from rollmill.runtime.cascade import rl_view
+
+        cfg = rl_view(cfg)
     if cfg.pipeline == "sft":
         from rollmill.runtime.sft import rlvr_view
 
         cfg = rlvr_view(cfg)
+    if cfg.pipeline == "distill":
+        from rollmill.runtime.distill import rlvr_view as distill_rlvr_view
+
+        cfg = distill_rlvr_view(cfg)
     from rollmill.models import load_model
     from rollmill.pipelines import PIPELINES
     from rollmill.runtime.worker import RolloutWorker

@@ -20,11 +20,11 @@ import torch
 
 from rollmill.config import AlgorithmConfig, ConfigError, RunConfig, SFTConfig
 from rollmill.models import load_tokenizer
-from rollmill.pipelines import PIPELINES
-from rollmill.pipelines.common import PromptCursor, spread
+from rollmill.pipelines.common import PromptCursor
 from rollmill.pipelines.rlvr import PromptSource
 from rollmill.runtime.learner import Learner
-from rollmill.runtime.worker import RolloutWorker, wait_for_update
+from rollmill.runtime.task_eval import TaskEval
+from rollmill.runtime.worker import RolloutWorker
 from rollmill.sft import Tokenized, load_chat, packed_batches, task_conversation, token_nll, tokenize_conversation
 from rollmill.train.checkpoint import newest_readable
 
@@ -57,8 +57,7 @@ class SFTJob:
         self.train_set, self.eval_set = self._data()
         self.cursor = PromptCursor(len(self.train_set), seed=cfg.task.seed + cfg.train.seed)
         self.learner = Learner(rl)
-        self.worker = RolloutWorker(rl) if cfg.sft.measures_accuracy else None
-        self.published = 0  # the weights version the eval worker serves
+        self.task_eval = TaskEval(rl, self.source, self.tokenizer, RolloutWorker(rl)) if cfg.sft.measures_accuracy else None
         self.step = 0
         self._dumps: list[dict] = []
 
@@ -134,27 +133,14 @@ class SFTJob:
         (eval/accuracy, eval/pass@k, ...) of replies sampled at `eval.temperature` (0: greedy) with the
         current weights."""
         metrics = {"eval/loss": self._held_out_loss()}
-        if self.worker is not None:
-            metrics.update(self._task_metrics())
+        if self.task_eval is not None:
+            metrics.update(self.task_eval.metrics(self.learner, self.step, self._dumps))
         return metrics
 
     @torch.no_grad()
     def _held_out_loss(self) -> float:
         nll = [token_nll(self.learner.model, b, self.learner.trainer.autocast) for b in self._batches(self.eval_set)]
         return float(torch.cat(nll).mean())
-
-    def _task_metrics(self) -> dict:
-        if self.published != self.step:
-            update = self.worker.update_weights(self.learner.weights(), self.step)
-            wait_for_update(update, self.worker.engine.name, self.step, self.cfg.rollout.weight_sync_timeout_s)
-            self.published = self.step
-        rlvr = PIPELINES["rlvr"]
-        specs = self.source.eval_groups(self.cfg.eval.n)
-        trajs = self.worker.evaluate(specs, self.step)
-        rlvr.log_failures(self.step, trajs, where="held-out ")
-        self._dumps.extend(rlvr.sample_dump(trajs[i], self.tokenizer)
-                           for i in spread(len(trajs), self.cfg.log.samples_per_step))
-        return rlvr.eval_metrics([[t for t in trajs if t.group_id == s.group_id] for s in specs])
 
     def check_health(self, record: dict) -> None:
         """A loss that is not a finite number will not come back: stop rather than train on it."""
@@ -178,5 +164,5 @@ class SFTJob:
         return state
 
     def close(self) -> None:
-        if self.worker is not None:
-            self.worker.close()
+        if self.task_eval is not None:
+            self.task_eval.close()

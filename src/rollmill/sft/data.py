@@ -43,10 +43,11 @@ def load_chat(cfg: RunConfig) -> tuple[list[Conversation], list[Conversation]]:
     eval_rows = read_conversations(sft.eval_path, sft.messages_field, "sft.eval_path") if sft.eval_path else None
     train, held_out = split_rows(rows, eval_rows, cfg.task, sft.path, "sft.eval_path")
     system = cfg.task.system_prompt
-    return [_with_system(r.messages, system) for r in train], [_with_system(r.messages, system) for r in held_out]
+    return [with_system(r.messages, system) for r in train], [with_system(r.messages, system) for r in held_out]
 
 
-def _with_system(messages: Conversation, system_prompt: str | None) -> Conversation:
+def with_system(messages: Conversation, system_prompt: str | None) -> Conversation:
+    """`messages` opened by `system_prompt` unless they have a system message of their own."""
     if system_prompt and messages[0]["role"] != "system":
         return ({"role": "system", "content": system_prompt}, *messages)
     return messages
@@ -56,22 +57,23 @@ def read_conversations(path_text: str, field: str, key: str) -> list[Row]:
     """Every conversation of a .jsonl or .json file, checked; `key` (the setting that names the file) and
     the file, row and message are named in errors. A row's `prompt` is the whole conversation, so
     identical conversations are never both trained and held out."""
-    path = Path(path_text)
-    if path.suffix not in CHAT_FILES:
-        raise DataError(f"{key} = {path_text!r}: unsupported extension {path.suffix!r}; allowed: {list(CHAT_FILES)}")
-    if not path.is_file():
-        raise DataError(f"{key} = {path_text!r}: file does not exist")
     rows = []
-    for index, (where, record) in enumerate(_records(path)):
-        messages = _conversation(record, field, f"{path}: {where}")
+    for index, (where, record) in enumerate(read_records(path_text, key)):
+        messages = _conversation(record, field, f"{Path(path_text)}: {where}")
         rows.append(Row(index, where, json.dumps(messages, sort_keys=True), "", messages, {}))
     if not rows:
         raise DataError(f"{key} = {path_text!r}: has no conversations")
     return rows
 
 
-def _records(path: Path) -> list[tuple[str, object]]:
-    """(where, record) for each record: "line N" of a .jsonl file, "row index N" of a .json array."""
+def read_records(path_text: str, key: str) -> list[tuple[str, object]]:
+    """(where, record) for each record of a .jsonl or .json file: "line N" of a .jsonl file, "row index N"
+    of a .json array; `key` (the setting that names the file) is named in errors."""
+    path = Path(path_text)
+    if path.suffix not in CHAT_FILES:
+        raise DataError(f"{key} = {path_text!r}: unsupported extension {path.suffix!r}; allowed: {list(CHAT_FILES)}")
+    if not path.is_file():
+        raise DataError(f"{key} = {path_text!r}: file does not exist")
     if path.suffix == ".json":
         return [(f"row index {i}", r) for i, r in enumerate(read_json_array(path))]
     out = []

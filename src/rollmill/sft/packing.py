@@ -102,11 +102,11 @@ def packed_batches(examples: list[Tokenized], max_len: int, pack: bool, rows_per
     return [collate(rows[s : s + rows_per_batch], pad_id) for s in range(0, len(rows), rows_per_batch)]
 
 
-def token_nll(model, batch: PackedBatch, autocast: torch.dtype | None = None) -> torch.Tensor:
-    """Negative log-likelihood of each trained token of `batch` under `model`, in row-major order ([T], on
-    the model's device, at least float32). `autocast` (bfloat16) runs the transformer body in that dtype; the
-    vocabulary projection and softmax stay in the weights' dtype. Only the positions that predict a trained
-    token are projected onto the vocabulary."""
+def reply_logits(model, batch: PackedBatch, autocast: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [T, V], token ids [T]) at each trained token of `batch`, in row-major order on the model's
+    device; the logits are those of the position before the token, which predict it. `autocast` (bfloat16)
+    runs the transformer body in that dtype; the vocabulary projection stays in the weights' dtype. Only the
+    positions that predict a trained token are projected onto the vocabulary."""
     head = model.get_output_embeddings().weight
     device = head.device
     dtype = autocast or head.dtype
@@ -116,5 +116,11 @@ def token_nll(model, batch: PackedBatch, autocast: torch.dtype | None = None) ->
                                   position_ids=batch.position_ids.to(device)).last_hidden_state
     targets = batch.loss_mask.flatten().nonzero().squeeze(-1)  # mask is 0 at column 0: targets - 1 is in the row
     logits = _head_logits(model, hidden.flatten(0, 1)[(targets - 1).to(device)].to(head.dtype))
-    labels = batch.input_ids.flatten()[targets].to(device)
+    return logits, batch.input_ids.flatten()[targets].to(device)
+
+
+def token_nll(model, batch: PackedBatch, autocast: torch.dtype | None = None) -> torch.Tensor:
+    """Negative log-likelihood of each trained token of `batch` under `model`, in row-major order ([T], on
+    the model's device, at least float32); `autocast` as in `reply_logits`."""
+    logits, labels = reply_logits(model, batch, autocast)
     return F.cross_entropy(logits, labels, reduction="none")

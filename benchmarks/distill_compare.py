@@ -1,0 +1,72 @@
+"""On-policy distillation against SFT on the teacher's replies: the same student, teacher, prompts and steps.
+
+Trains the student of examples/distill_onpolicy.yaml (SmolLM2-135M-Instruct cut to 15 layers) twice from one
+teacher folder: with `distill.mode: reverse_kl` (the student samples, the loss is the per-token reverse KL to the
+teacher) and with `distill.mode: sft` (NLL of the teacher's sampled replies, the same number per prompt), then
+prints the held-out greedy accuracy of both at each eval step and ends with one line
+`RESULT key=value ...`.
+
+    python benchmarks/distill_compare.py --teacher runs/teacher-sft/checkpoints/step_000030
+    python benchmarks/distill_compare.py --model tiny --steps 2   # a smoke test on random tiny models
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rollmill.checks import load_run_config
+from rollmill.runtime import train
+from rollmill.track import read_jsonl
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "distill_onpolicy.yaml"
+MODES = ("reverse_kl", "sft")
+# a random tiny student (one of two layers) and a random tiny teacher: checks the plumbing, learns nothing
+TINY = ["model.source=tiny", "model.keep_layers=1", "distill.teacher={source: tiny, tiny: {seed: 1}}",
+        "task.train_size=32", "task.eval_size=8", "rollout.prompts_per_step=2", "rollout.group_size=2",
+        "rollout.sampling.max_new_tokens=4", "eval.max_new_tokens=4", "train.micro_batch_size=4",
+        "train.warmup_steps=0"]
+
+
+def run(mode: str, args, out: Path) -> tuple[list[dict], float]:
+    """Train one mode into out/mode; its eval records and the wall seconds it took."""
+    overrides = [f"distill.mode={mode}", f"train.steps={args.steps}", f"eval.every={args.eval_every}",
+                 "checkpoint.every=0", "log.progress=false", "log.trackers=[]", f"name=distill-{mode}"]
+    overrides += TINY if args.model == "tiny" else [f"distill.teacher.path={args.teacher}"]
+    cfg = load_run_config(EXAMPLE, overrides)
+    start = time.perf_counter()
+    train(cfg, out / mode, overwrite=True)
+    seconds = time.perf_counter() - start
+    return [r for r in read_jsonl(out / mode / "metrics.jsonl") if "eval/accuracy" in r], seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--teacher", help="the teacher's transformers folder (smollm2; e.g. an SFT checkpoint)")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--out", default="runs/distill-compare", help="the two runs go in OUT/reverse_kl, OUT/sft")
+    args = parser.parse_args()
+    if args.model == "smollm2" and not args.teacher:
+        parser.error("--teacher is required with --model smollm2 (make one: rollmill train "
+                     "examples/sft_arithmetic.yaml --run-dir runs/teacher-sft)")
+    results = {mode: run(mode, args, Path(args.out)) for mode in MODES}
+    evals = {mode: {r["step"]: r for r in records} for mode, (records, _) in results.items()}
+    print(f"{'step':>5} " + " ".join(f"{mode + ' acc':>14}" for mode in MODES))
+    for step in sorted(set.union(*(set(e) for e in evals.values()))):
+        print(f"{step:>5} " + " ".join(f"{evals[mode].get(step, {}).get('eval/accuracy', float('nan')):>14.3f}"
+                                      for mode in MODES))
+    fields = {"model": args.model, "steps": args.steps}
+    for mode, (records, seconds) in results.items():
+        fields |= {f"{mode}_initial": f"{records[0]['eval/accuracy']:.3f}",
+                   f"{mode}_final": f"{records[-1]['eval/accuracy']:.3f}",
+                   f"{mode}_best": f"{max(r['eval/accuracy'] for r in records):.3f}",
+                   f"{mode}_kl_final": f"{records[-1]['eval/kl']:.4f}", f"{mode}_seconds": f"{seconds:.0f}"}
+    fields["teacher_accuracy"] = f"{results['sft'][0][-1]['eval/teacher_accuracy']:.3f}"
+    print("RESULT " + " ".join(f"{k}={v}" for k, v in fields.items()))
+
+
+if __name__ == "__main__":
+    main()
