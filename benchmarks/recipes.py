@@ -317,7 +317,8 @@ def plot(rows: list[dict], out: Path) -> None:
             ax.plot(grid, held.mean(0), label=f"{name} ({len(curves)} seeds)", **style)
             ax.fill_between(grid, held.min(0), held.max(0), alpha=0.12, **({"color": "black"} if style else {}))
         ax.axhline(TARGET, color="grey", linewidth=0.6)
-        ax.set(title=f"{task}: greedy held-out accuracy", xlabel="training time (s, evaluation excluded)",
+        clock = "CPU time of one core" if rows[0].get("clock") == "cpu" else "wall-clock"
+        ax.set(title=f"{task}: greedy held-out accuracy", xlabel=f"training time (s, {clock}; evaluation excluded)",
                ylabel="accuracy", ylim=(0, 1))
         ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
