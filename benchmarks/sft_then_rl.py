@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sft-share", type=float, default=0.5, help="sft_then_grpo: the share of the budget spent on SFT")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every-s", type=float, default=60.0, help="training seconds between evaluations")
-    p.add_argument("--parallel", type=int, default=min(3, os.cpu_count() or 1))
+    p.add_argument("--parallel", type=int, default=3, help="arms at once (one thread each; pinned to a core each "
+                   "when there are enough cores)")
     p.add_argument("--threads", type=int, default=2, help="torch threads with --parallel 1")
     p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     p.add_argument("--out", default=str(ROOT / "runs" / "sft_then_rl"))
@@ -194,7 +195,8 @@ def main(argv=None) -> int:
     while pending or running:
         while pending and len(running) < args.parallel:
             arm, cpu = pending.pop(0), len(running) % (os.cpu_count() or 1)
-            pin = ["--cpu", str(cpu)] if args.parallel > 1 else []
+            # more runs than cores: left unpinned, so the scheduler keeps every core busy (CPU time stays fair)
+            pin = ["--cpu", str(cpu)] if 1 < args.parallel <= (os.cpu_count() or 1) else []
             running.append(subprocess.Popen([sys.executable, __file__, "--child", arm, *common, *pin], env=env))
         if args.parallel == 1:
             running[0].wait()
