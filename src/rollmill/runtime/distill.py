@@ -30,12 +30,12 @@ from rollmill.models.device import resolve_device
 from rollmill.pipelines.common import encode_prompt
 from rollmill.pipelines.rlvr import PromptSource
 from rollmill.runtime.learner import Learner
+from rollmill.runtime.loop import check_finite_loss, resume_newest
 from rollmill.runtime.task_eval import TaskEval
 from rollmill.runtime.worker import RolloutWorker
 from rollmill.sft import Tokenized, packed_batches
 from rollmill.tasks import Example
 from rollmill.track import read_jsonl
-from rollmill.train.checkpoint import newest_readable
 from rollmill.types import GroupSpec
 
 log = logging.getLogger(__name__)
@@ -249,10 +249,8 @@ class DistillJob:
         return metrics
 
     def check_health(self, record: dict) -> None:
-        """A loss that is not a finite number will not come back: stop rather than train on it."""
-        if not torch.isfinite(torch.tensor(record["loss"])):
-            raise RuntimeError(f"step {record['step']}: the distillation loss is {record['loss']}; lower train.lr, "
-                               "or train in float32 (train.precision fp32, model.dtype float32)")
+        check_finite_loss(record, "distillation", "lower train.lr, or train in float32 (train.precision fp32, "
+                          "model.dtype float32)")
 
     def save(self, extra: dict) -> Path:
         state = {**extra, "source": self.source.state(), "ddk_weights": self.source.weights}
@@ -261,7 +259,7 @@ class DistillJob:
 
     def resume(self) -> dict | None:
         """Restore the newest readable checkpoint: weights, optimizer, cursors, DDK weights, teacher replies."""
-        found = newest_readable(self.run_dir / "checkpoints", self.learner.load)
+        found = resume_newest(self.run_dir, self.learner.load)
         if found is None:
             return None
         ckpt, state = found
@@ -269,7 +267,6 @@ class DistillJob:
         self.source.load_state(state["source"])
         self.source.weights = state["ddk_weights"]
         self.replies = TeacherReplies.from_json((ckpt / REPLIES_FILE).read_text())
-        log.info("resumed from %s (step %d)", ckpt, self.step)
         return state
 
     def close(self) -> None:

@@ -35,13 +35,13 @@ from rollmill.models import load_tokenizer
 from rollmill.pipelines.common import PromptCursor
 from rollmill.pipelines.rlvr import PromptSource
 from rollmill.runtime.learner import Learner
+from rollmill.runtime.loop import check_finite_loss, resume_newest
 from rollmill.runtime.task_eval import TaskEval
 from rollmill.runtime.worker import RolloutWorker
 from rollmill.sft import prompt_chat, tokenize_conversation
 from rollmill.sft.data import read_records, with_system
 from rollmill.tasks import DataError, Example
 from rollmill.tasks.files import ROLES, Row as FileRow, split_rows
-from rollmill.train.checkpoint import newest_readable
 from rollmill.train.preference import pair_batch, preference_metrics, preference_update, reply_logps
 from rollmill.types import Row
 
@@ -297,10 +297,8 @@ class DPOJob:
         return metrics
 
     def check_health(self, record: dict) -> None:
-        """A loss that is not a finite number will not come back: stop rather than train on it."""
-        if not torch.isfinite(torch.tensor(record["loss"])):
-            raise RuntimeError(f"step {record['step']}: the DPO loss is {record['loss']}; lower train.lr or "
-                               "dpo.beta, or train in float32 (train.precision fp32, model.dtype float32)")
+        check_finite_loss(record, "DPO", "lower train.lr or dpo.beta, or train in float32 (train.precision fp32, "
+                          "model.dtype float32)")
 
     def save(self, extra: dict) -> Path:
         state = {**extra, "cursor": self.cursor.state()}
@@ -308,13 +306,12 @@ class DPOJob:
 
     def resume(self) -> dict | None:
         """Restore the newest readable checkpoint (an unreadable one falls back to the one before)."""
-        found = newest_readable(self.run_dir / "checkpoints", self.learner.load)
+        found = resume_newest(self.run_dir, self.learner.load)
         if found is None:
             return None
-        ckpt, state = found
+        state = found[1]
         self.step = state["step"]
         self.cursor = PromptCursor(self.cursor.size, self.cursor.seed, **state["cursor"])
-        log.info("resumed from %s (step %d)", ckpt, self.step)
         return state
 
     def close(self) -> None:

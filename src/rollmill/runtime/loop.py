@@ -8,6 +8,7 @@ loop only decides when to evaluate, log, checkpoint and stop.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from rollmill.config import ConfigError, RunConfig, dump_config, load_config
 from rollmill.runtime.progress import StepProgress
 from rollmill.track import RunLogger, plot_run
 from rollmill.track.metrics import clear_run, run_files
+from rollmill.train.checkpoint import newest_readable
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,21 @@ class Job(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def check_finite_loss(record: dict, what: str, advice: str) -> None:
+    """Stop on a step whose loss is not a finite number: it does not come back, and every later step trains on it."""
+    if not math.isfinite(record["loss"]):
+        raise RuntimeError(f"step {record['step']}: the {what} loss is {record['loss']}; {advice}")
+
+
+def resume_newest(run_dir: Path, load) -> tuple[Path, dict] | None:
+    """Restore the newest readable checkpoint under `run_dir`/checkpoints with `load` (an unreadable one falls back
+    to the one before); return it and its loop state, or None when there is none."""
+    found = newest_readable(run_dir / "checkpoints", load)
+    if found is not None:
+        log.info("resumed from %s (step %d)", found[0], found[1]["step"])
+    return found
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:

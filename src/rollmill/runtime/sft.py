@@ -23,10 +23,10 @@ from rollmill.models import load_tokenizer
 from rollmill.pipelines.common import PromptCursor
 from rollmill.pipelines.rlvr import PromptSource
 from rollmill.runtime.learner import Learner
+from rollmill.runtime.loop import check_finite_loss, resume_newest
 from rollmill.runtime.task_eval import TaskEval
 from rollmill.runtime.worker import RolloutWorker
 from rollmill.sft import Tokenized, load_chat, packed_batches, task_conversation, token_nll, tokenize_conversation
-from rollmill.train.checkpoint import newest_readable
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +143,7 @@ class SFTJob:
         return float(torch.cat(nll).mean())
 
     def check_health(self, record: dict) -> None:
-        """A loss that is not a finite number will not come back: stop rather than train on it."""
-        if not torch.isfinite(torch.tensor(record["loss"])):
-            raise RuntimeError(f"step {record['step']}: the SFT loss is {record['loss']}; lower train.lr, or train "
-                               "in float32 (train.precision fp32, model.dtype float32)")
+        check_finite_loss(record, "SFT", "lower train.lr, or train in float32 (train.precision fp32, model.dtype float32)")
 
     def save(self, extra: dict) -> Path:
         state = {**extra, "cursor": self.cursor.state()}
@@ -154,13 +151,12 @@ class SFTJob:
 
     def resume(self) -> dict | None:
         """Restore the newest readable checkpoint (an unreadable one falls back to the one before)."""
-        found = newest_readable(self.run_dir / "checkpoints", self.learner.load)
+        found = resume_newest(self.run_dir, self.learner.load)
         if found is None:
             return None
-        ckpt, state = found
+        state = found[1]
         self.step = state["step"]
         self.cursor = PromptCursor(self.cursor.size, self.cursor.seed, **state["cursor"])
-        log.info("resumed from %s (step %d)", ckpt, self.step)
         return state
 
     def close(self) -> None:
