@@ -1,4 +1,4 @@
-"""`rollmill train | eval | algos | plot | view | simulate`: the command line over the pipelines."""
+"""`rollmill train | eval | export | samples | algos | plot | view | simulate | mixlaw`: the command line over the pipelines."""
 
 from __future__ import annotations
 
@@ -231,6 +231,25 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_mixlaw(args) -> int:
+    from rollmill import mixlaw
+
+    try:
+        if args.action == "fit":
+            table = mixlaw.read_table(args.table)
+            laws = mixlaw.fit_table(table)
+            print(mixlaw.format_fit(laws, table))
+            if args.out:
+                mixlaw.save_params(args.out, laws, table)
+                print(f"params written to {args.out}")
+        else:
+            laws = mixlaw.load_params(args.params)
+            print(mixlaw.format_prediction(laws, args.N, args.D, args.r, args.tolerance, args.general_ref))
+    except mixlaw.MixlawError as err:
+        raise ConfigError(str(err)) from None
+    return 0
+
+
 _EXTRA_ADVANTAGES = {
     "normalized": "composed from algorithm.norm_mean, norm_std, reward_clip, advantage_clip, whiten_advantages",
     "gae": "GAE over a learned value model (the ppo preset)",
@@ -308,6 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the figures")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("mixlaw", help="fit the D-CPT mixture law to small runs, predict losses, pick a ratio")
+    p.set_defaults(func=cmd_mixlaw)
+    mix = p.add_subparsers(dest="action", required=True)
+    q = mix.add_parser("fit", help="fit one law per loss column of a CSV (N, D, r, domain_loss and/or general_loss)")
+    q.add_argument("table", help="CSV of runs")
+    q.add_argument("--out", help="write the fitted parameters to this JSON file")
+    q = mix.add_parser("predict", help="predicted losses over mixture ratios and the optimal domain ratio")
+    q.add_argument("params", help="JSON written by `rollmill mixlaw fit --out`")
+    q.add_argument("--N", type=float, required=True, help="model size, in the table's units")
+    q.add_argument("--D", type=float, required=True, help="training tokens, in the table's units")
+    q.add_argument("--r", type=float, default=None, help="also show this domain ratio")
+    q.add_argument("--tolerance", type=float, default=None,
+                   help="relative rise of the general loss allowed, e.g. 0.03 (needs a general_loss law)")
+    q.add_argument("--general-ref", type=float, default=None,
+                   help="general loss the tolerance is relative to (default: the lowest any fitted ratio reaches)")
 
     add_sandbox_parser(sub)
     add_tasks_parser(sub)
