@@ -23,7 +23,7 @@ from rollmill.config.cascade import (PROBE_STAGE, RL_STAGE, SFT2_STAGE, SFT_STAG
                                      stage_tree)
 from rollmill.runtime import export, train
 from rollmill.runtime.cascade_probe import EVAL_FILE, ROUTE_FILES, ROUTING_FILE, read_routing, route_counts, run_probe
-from rollmill.runtime.loop import TrainResult, check_resume_config
+from rollmill.runtime.loop import TrainResult, check_resume_config, check_run_dir
 from rollmill.track import read_jsonl
 from rollmill.track.metrics import RUN_FILES, run_files
 from rollmill.train.checkpoint import list_checkpoints
@@ -44,7 +44,7 @@ class _Interrupted(Exception):
 def run_cascade(cfg: RunConfig, run_dir: Path, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Run the cascade of `cfg` in `run_dir`; with `resume`, skip the stages that finished and continue the one
     cut short. Every stage's config is checked (registries included) before the first one starts."""
-    _check_cascade_dir(run_dir, resume, overwrite)
+    check_run_dir(run_dir, resume, overwrite, CASCADE_FILES)
     if resume:
         check_resume_config(cfg, run_dir)
         _check_steps_kept(cfg, run_dir)
@@ -61,20 +61,6 @@ def run_cascade(cfg: RunConfig, run_dir: Path, resume: bool = False, overwrite: 
 def rl_view(cfg: RunConfig) -> RunConfig:
     """The RL stage's config of cascade `cfg`, from the configured model: what `rollmill eval` scores."""
     return config_from_dict(stage_tree(cfg.model_dump(mode="json", by_alias=True), RL_STAGE))
-
-
-def _check_cascade_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """`runtime.loop.check_run_dir` for a cascade, whose stage directories a new cascade must not mix with."""
-    found = [name for name in CASCADE_FILES if (run_dir / name).exists()]
-    if not found or resume:
-        return
-    if not overwrite:
-        raise ConfigError(f"run directory {str(run_dir)!r} already holds a run ({', '.join(found)}): continue it "
-                          "with --resume, replace it with --overwrite, or choose another --run-dir")
-    log.info("--overwrite: removing the previous run's %s from %s", ", ".join(found), run_dir)
-    for name in found:
-        path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _check_steps_kept(cfg: RunConfig, run_dir: Path) -> None:

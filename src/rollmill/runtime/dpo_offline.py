@@ -35,7 +35,8 @@ from rollmill.models import load_tokenizer
 from rollmill.pipelines.common import PromptCursor
 from rollmill.pipelines.rlvr import PromptSource
 from rollmill.runtime.learner import Learner
-from rollmill.runtime.loop import check_finite_loss, resume_newest
+from rollmill.runtime.cursor_job import CursorJob
+from rollmill.runtime.loop import check_finite_loss
 from rollmill.runtime.task_eval import TaskEval
 from rollmill.runtime.worker import RolloutWorker
 from rollmill.sft import prompt_chat, tokenize_conversation
@@ -215,7 +216,7 @@ def dpo_view(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"pipeline": "rlvr", "algorithm": AlgorithmConfig(), "dpo": DPOConfig()})
 
 
-class DPOJob:
+class DPOJob(CursorJob):
     """One offline DPO run, stepped by `runtime.loop.run_job`."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path):
@@ -299,21 +300,3 @@ class DPOJob:
     def check_health(self, record: dict) -> None:
         check_finite_loss(record, "DPO", "lower train.lr or dpo.beta, or train in float32 (train.precision fp32, "
                           "model.dtype float32)")
-
-    def save(self, extra: dict) -> Path:
-        state = {**extra, "cursor": self.cursor.state()}
-        return self.learner.save(self.run_dir / "checkpoints", self.step, state, self.cfg.checkpoint.keep, {})
-
-    def resume(self) -> dict | None:
-        """Restore the newest readable checkpoint (an unreadable one falls back to the one before)."""
-        found = resume_newest(self.run_dir, self.learner.load)
-        if found is None:
-            return None
-        state = found[1]
-        self.step = state["step"]
-        self.cursor = PromptCursor(self.cursor.size, self.cursor.seed, **state["cursor"])
-        return state
-
-    def close(self) -> None:
-        if self.task_eval is not None:
-            self.task_eval.close()

@@ -13,12 +13,12 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from rollmill.config import ConfigError, RunConfig, dump_config, load_config
 from rollmill.runtime.progress import StepProgress
 from rollmill.track import RunLogger, plot_run
-from rollmill.track.metrics import clear_run, run_files
+from rollmill.track.metrics import RUN_FILES, clear_run, run_files
 from rollmill.train.checkpoint import newest_readable
 
 log = logging.getLogger(__name__)
@@ -72,18 +72,18 @@ def resume_newest(run_dir: Path, load) -> tuple[Path, dict] | None:
     return found
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, names: Sequence[str] = RUN_FILES) -> None:
     """Refuse to start a new run where one already is (its metrics would interleave with the new ones and
-    its checkpoints outlive them): continue it (`resume`), replace it (`overwrite`: what it wrote is
-    removed first), or pick another directory. Call it before any role is built."""
-    found = run_files(run_dir)
+    its checkpoints outlive them): continue it (`resume`), replace it (`overwrite`: what it wrote, the
+    `names` in `run_dir`, is removed first), or pick another directory. Call it before any role is built."""
+    found = run_files(run_dir, names)
     if not found or resume:
         return
     if not overwrite:
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run ({', '.join(found)}): continue it "
                           "with --resume, replace it with --overwrite, or choose another --run-dir")
     log.info("--overwrite: removing the previous run's %s from %s", ", ".join(found), run_dir)
-    clear_run(run_dir)
+    clear_run(run_dir, names)
 
 
 # Settings a resumed run may change: when to stop, evaluate, checkpoint and log, and where the roles run.

@@ -23,7 +23,8 @@ from rollmill.models import load_tokenizer
 from rollmill.pipelines.common import PromptCursor
 from rollmill.pipelines.rlvr import PromptSource
 from rollmill.runtime.learner import Learner
-from rollmill.runtime.loop import check_finite_loss, resume_newest
+from rollmill.runtime.cursor_job import CursorJob
+from rollmill.runtime.loop import check_finite_loss
 from rollmill.runtime.task_eval import TaskEval
 from rollmill.runtime.worker import RolloutWorker
 from rollmill.sft import Tokenized, load_chat, packed_batches, task_conversation, token_nll, tokenize_conversation
@@ -42,7 +43,7 @@ def reads_task(cfg: RunConfig) -> bool:
     return cfg.sft.path is None or cfg.sft.measures_accuracy
 
 
-class SFTJob:
+class SFTJob(CursorJob):
     """One SFT run, stepped by `runtime.loop.run_job`."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path):
@@ -144,21 +145,3 @@ class SFTJob:
 
     def check_health(self, record: dict) -> None:
         check_finite_loss(record, "SFT", "lower train.lr, or train in float32 (train.precision fp32, model.dtype float32)")
-
-    def save(self, extra: dict) -> Path:
-        state = {**extra, "cursor": self.cursor.state()}
-        return self.learner.save(self.run_dir / "checkpoints", self.step, state, self.cfg.checkpoint.keep, {})
-
-    def resume(self) -> dict | None:
-        """Restore the newest readable checkpoint (an unreadable one falls back to the one before)."""
-        found = resume_newest(self.run_dir, self.learner.load)
-        if found is None:
-            return None
-        state = found[1]
-        self.step = state["step"]
-        self.cursor = PromptCursor(self.cursor.size, self.cursor.seed, **state["cursor"])
-        return state
-
-    def close(self) -> None:
-        if self.task_eval is not None:
-            self.task_eval.close()

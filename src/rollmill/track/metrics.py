@@ -19,14 +19,14 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "curves.png", "ten
              STATE_FILE, "checkpoints")
 
 
-def run_files(run_dir: Path) -> list[str]:
-    """The names of RUN_FILES present in `run_dir`: non-empty when it already holds a run."""
-    return [name for name in RUN_FILES if (run_dir / name).exists()]
+def run_files(run_dir: Path, names: Sequence[str] = RUN_FILES) -> list[str]:
+    """The `names` (a run's files: RUN_FILES) present in `run_dir`: non-empty when it already holds a run."""
+    return [name for name in names if (run_dir / name).exists()]
 
 
-def clear_run(run_dir: Path) -> None:
-    """Remove what a run wrote into `run_dir` (RUN_FILES only: anything else there is left alone)."""
-    for name in run_files(run_dir):
+def clear_run(run_dir: Path, names: Sequence[str] = RUN_FILES) -> None:
+    """Remove what a run wrote into `run_dir` (`names` only: anything else there is left alone)."""
+    for name in run_files(run_dir, names):
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
