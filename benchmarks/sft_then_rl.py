@@ -15,8 +15,12 @@ The arms run at once, one core and one thread each, timed by process CPU time (a
 `recipes.py --parallel` does); `--parallel 1` runs them one after another on `--threads` threads,
 timed by wall-clock. Results: `results.jsonl`, `<task>.png` (accuracy against training time) in `--out`.
 
+With `--demos N` the SFT stages learn from only the first N training questions' answers while GRPO
+draws from all 2000: the case the two-stage recipe is for, where verified demonstrations are few and
+prompts a verifier can score are many.
+
 Run: python benchmarks/sft_then_rl.py [--task add_2digit] [--budget-s 600] [--sft-share 0.5] [--seed 0]
-        [--eval-every-s 60] [--parallel 3] [--model smollm2|tiny] [--out DIR]
+        [--demos 2000] [--eval-size 96] [--eval-every-s 60] [--parallel 3] [--model smollm2|tiny] [--out DIR]
 Last line: `RESULT key=value ...`.
 """
 
@@ -43,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=600.0, help="training seconds per arm (evaluation excluded)")
     p.add_argument("--sft-share", type=float, default=0.5, help="sft_then_grpo: the share of the budget spent on SFT")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--demos", type=int, default=2000, help="verified demonstrations the SFT stages learn from "
+                   "(the first N training questions); GRPO draws from all 2000 training questions")
+    p.add_argument("--eval-size", type=int, default=96, help="held-out questions each evaluation scores")
     p.add_argument("--eval-every-s", type=float, default=60.0, help="training seconds between evaluations")
     p.add_argument("--parallel", type=int, default=3, help="arms at once (one thread each; pinned to a core each "
                    "when there are enough cores)")
@@ -52,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
     p.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not 0 < args.demos <= 2000:
+        p.error(f"--demos {args.demos}: give 1 to 2000 (the training questions)")
     if not 0.0 < args.sft_share < 1.0:
         p.error(f"--sft-share {args.sft_share}: give a share strictly between 0 and 1")
     if args.parallel > 1:
@@ -60,11 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def sections(args, model: dict) -> dict:
-    """The config both stages share: model, task, reward, and where runs go."""
+def sections(args, model: dict, train_size: int = 2000) -> dict:
+    """The config both stages share: model, task, reward, and where runs go. The arithmetic tasks hold their
+    eval questions out before drawing the training ones, so `train_size` leaves the eval split as it is."""
     return {
         "model": model,
-        "task": {"source": "arithmetic", "name": args.task, "train_size": 2000, "eval_size": 96,
+        "task": {"source": "arithmetic", "name": args.task, "train_size": train_size, "eval_size": args.eval_size,
                  "instruction": "Answer with just the number."},
         "reward": {"functions": [{"name": "first_integer"}]},
         "eval": {"before": False},
@@ -75,7 +85,7 @@ def sections(args, model: dict) -> dict:
 def sft_config(args, model: dict, run_root: str):
     from rollmill.config import config_from_dict
 
-    cfg = sections(args, model)
+    cfg = sections(args, model, train_size=args.demos)
     cfg["log"]["run_root"] = run_root
     return config_from_dict({**cfg, "pipeline": "sft",
                              "sft": {"examples_per_step": 16, "pack": True, "max_seq_len": 512},
@@ -156,7 +166,8 @@ def run_child(args) -> int:
     points = run_arm(args)
     with open(Path(args.out) / "results.jsonl", "a") as f:
         f.write(json.dumps({"arm": args.child, "task": args.task, "seed": args.seed, "budget_s": args.budget_s,
-                            "sft_share": args.sft_share, "model": args.model, "clock": args.clock,
+                            "sft_share": args.sft_share, "demos": args.demos, "eval_size": args.eval_size,
+                            "model": args.model, "clock": args.clock,
                             "curve": points}) + "\n")
     return 0
 
@@ -189,7 +200,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     common = ["--task", args.task, "--budget-s", str(args.budget_s), "--sft-share", str(args.sft_share),
-              "--seed", str(args.seed), "--eval-every-s", str(args.eval_every_s), "--parallel", str(args.parallel),
+              "--seed", str(args.seed), "--demos", str(args.demos), "--eval-size", str(args.eval_size),
+              "--eval-every-s", str(args.eval_every_s), "--parallel", str(args.parallel),
               "--threads", str(args.threads), "--model", args.model, "--out", str(out)]
     pending, running = list(ARMS), []
     while pending or running:
@@ -203,20 +215,23 @@ def main(argv=None) -> int:
         else:
             time.sleep(1)
         running = [p for p in running if p.poll() is None]
-    same = {"task": args.task, "seed": args.seed, "budget_s": args.budget_s, "model": args.model, "clock": args.clock}
+    same = {"task": args.task, "seed": args.seed, "budget_s": args.budget_s, "model": args.model, "clock": args.clock,
+            "demos": args.demos, "eval_size": args.eval_size}
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    latest = {r["arm"]: r for r in rows if all(r.get(k) == v for k, v in same.items())}
+    # rows from before --demos/--eval-size existed used every training question and 96 eval questions
+    latest = {r["arm"]: r for r in rows if all(r.get(k, {"demos": 2000, "eval_size": 96}.get(k)) == v
+                                               for k, v in same.items())}
     if set(latest) != set(ARMS):
         print(f"missing arms: {sorted(set(ARMS) - set(latest))}")
         return 1
-    plot([latest[a] for a in ARMS], out, args.task)
+    plot([latest[a] for a in ARMS], out, args.task if args.demos == 2000 else f"{args.task}_demos{args.demos}")
     finals = {a: latest[a]["curve"][-1]["accuracy"] for a in ARMS}
     for arm in ARMS:
         print(f"{arm:14s} start {latest[arm]['curve'][0]['accuracy']:.3f} final {finals[arm]:.3f} "
               f"({latest[arm]['curve'][-1]['steps']} steps)")
     best_alone = max(finals["sft"], finals["grpo"])
-    print(f"plot in {out / (args.task + '.png')}")
-    print(f"RESULT task={args.task} budget_s={args.budget_s:.0f} sft={finals['sft']:.3f} grpo={finals['grpo']:.3f} "
+    print(f"plot in {out}")
+    print(f"RESULT task={args.task} budget_s={args.budget_s:.0f} demos={args.demos} eval_size={args.eval_size} sft={finals['sft']:.3f} grpo={finals['grpo']:.3f} "
           f"sft_then_grpo={finals['sft_then_grpo']:.3f} lift_over_best_alone={finals['sft_then_grpo'] - best_alone:.3f}")
     return 0
 
