@@ -7,6 +7,7 @@ prints the held-out greedy accuracy of both at each eval step and ends with one 
 `RESULT key=value ...`.
 
     python benchmarks/distill_compare.py --teacher runs/teacher-sft/checkpoints/step_000030
+    python benchmarks/distill_compare.py --teacher DIR --set model.keep_layers=null --set task.name=add_2digit
     python benchmarks/distill_compare.py --model tiny --steps 2   # a smoke test on random tiny models
 """
 
@@ -34,6 +35,7 @@ def run(mode: str, args, out: Path) -> tuple[list[dict], float]:
     overrides = [f"distill.mode={mode}", f"train.steps={args.steps}", f"eval.every={args.eval_every}",
                  "checkpoint.every=0", "log.progress=false", "log.trackers=[]", f"name=distill-{mode}"]
     overrides += TINY if args.model == "tiny" else [f"distill.teacher.path={args.teacher}"]
+    overrides += args.set
     cfg = load_run_config(EXAMPLE, overrides)
     start = time.perf_counter()
     train(cfg, out / mode, overwrite=True)
@@ -48,6 +50,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--out", default="runs/distill-compare", help="the two runs go in OUT/reverse_kl, OUT/sft")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the example's config in both runs, e.g. model.keep_layers=null")
     args = parser.parse_args()
     if args.model == "smollm2" and not args.teacher:
         parser.error("--teacher is required with --model smollm2 (make one: rollmill train "
@@ -58,7 +62,7 @@ def main() -> None:
     for step in sorted(set.union(*(set(e) for e in evals.values()))):
         print(f"{step:>5} " + " ".join(f"{evals[mode].get(step, {}).get('eval/accuracy', float('nan')):>14.3f}"
                                       for mode in MODES))
-    fields = {"model": args.model, "steps": args.steps}
+    fields = {"model": args.model, "task": load_run_config(EXAMPLE, args.set).task.name, "steps": args.steps}
     for mode, (records, seconds) in results.items():
         fields |= {f"{mode}_initial": f"{records[0]['eval/accuracy']:.3f}",
                    f"{mode}_final": f"{records[-1]['eval/accuracy']:.3f}",
