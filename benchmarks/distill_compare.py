@@ -9,16 +9,19 @@ prints the held-out greedy accuracy of both at each eval step and ends with one 
     python benchmarks/distill_compare.py --teacher runs/teacher-sft/checkpoints/step_000030
     python benchmarks/distill_compare.py --teacher DIR --set model.keep_layers=null --set task.name=add_2digit
     python benchmarks/distill_compare.py --model tiny --steps 2   # a smoke test on random tiny models
+
+Each mode trains in its own `rollmill train` process; `--modes sft` retrains one and reads the other's run
+from `--out` as it is.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 from rollmill.checks import load_run_config
-from rollmill.runtime import train
 from rollmill.track import read_jsonl
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "distill_onpolicy.yaml"
@@ -30,17 +33,24 @@ TINY = ["model.source=tiny", "model.keep_layers=1", "distill.teacher={source: ti
         "train.warmup_steps=0"]
 
 
-def run(mode: str, args, out: Path) -> tuple[list[dict], float]:
-    """Train one mode into out/mode; its eval records and the wall seconds it took."""
+def run(mode: str, args, out: Path) -> None:
+    """Train one mode into out/mode, in its own `rollmill train` process: the memory of one run's four
+    models is freed before the next run loads its own."""
     overrides = [f"distill.mode={mode}", f"train.steps={args.steps}", f"eval.every={args.eval_every}",
                  "checkpoint.every=0", "log.progress=false", "log.trackers=[]", f"name=distill-{mode}"]
     overrides += TINY if args.model == "tiny" else [f"distill.teacher.path={args.teacher}"]
     overrides += args.set
-    cfg = load_run_config(EXAMPLE, overrides)
-    start = time.perf_counter()
-    train(cfg, out / mode, overwrite=True)
-    seconds = time.perf_counter() - start
-    return [r for r in read_jsonl(out / mode / "metrics.jsonl") if "eval/accuracy" in r], seconds
+    load_run_config(EXAMPLE, overrides)  # a bad override fails here, before any run starts
+    cli = Path(sys.executable).parent / "rollmill"
+    subprocess.run([str(cli), "train", str(EXAMPLE), "--run-dir", str(out / mode), "--overwrite",
+                    *(f"--set={o}" for o in overrides)], check=True)
+
+
+def read_run(mode: str, out: Path) -> tuple[list[dict], float]:
+    """One mode's eval records and its training seconds (the sum of its steps' times)."""
+    records = read_jsonl(out / mode / "metrics.jsonl")
+    seconds = sum(r.get("time/step_s", 0.0) for r in records)
+    return [r for r in records if "eval/accuracy" in r], seconds
 
 
 def main() -> None:
@@ -50,13 +60,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--out", default="runs/distill-compare", help="the two runs go in OUT/reverse_kl, OUT/sft")
+    parser.add_argument("--modes", default=",".join(MODES), help="the modes to train now; the others' runs are "
+                        "read from OUT as an earlier call left them")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the example's config in both runs, e.g. model.keep_layers=null")
     args = parser.parse_args()
     if args.model == "smollm2" and not args.teacher:
         parser.error("--teacher is required with --model smollm2 (make one: rollmill train "
                      "examples/sft_arithmetic.yaml --run-dir runs/teacher-sft)")
-    results = {mode: run(mode, args, Path(args.out)) for mode in MODES}
+    for mode in args.modes.split(","):
+        if mode not in MODES:
+            parser.error(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
+        run(mode, args, Path(args.out))
+    results = {mode: read_run(mode, Path(args.out)) for mode in MODES}
     evals = {mode: {r["step"]: r for r in records} for mode, (records, _) in results.items()}
     print(f"{'step':>5} " + " ".join(f"{mode + ' acc':>14}" for mode in MODES))
     for step in sorted(set.union(*(set(e) for e in evals.values()))):
@@ -67,7 +83,7 @@ def main() -> None:
         fields |= {f"{mode}_initial": f"{records[0]['eval/accuracy']:.3f}",
                    f"{mode}_final": f"{records[-1]['eval/accuracy']:.3f}",
                    f"{mode}_best": f"{max(r['eval/accuracy'] for r in records):.3f}",
-                   f"{mode}_kl_final": f"{records[-1]['eval/kl']:.4f}", f"{mode}_seconds": f"{seconds:.0f}"}
+                   f"{mode}_kl_final": f"{records[-1]['eval/kl']:.4f}", f"{mode}_train_s": f"{seconds:.0f}"}
     fields["teacher_accuracy"] = f"{results['sft'][0][-1]['eval/teacher_accuracy']:.3f}"
     print("RESULT " + " ".join(f"{k}={v}" for k, v in fields.items()))
 
