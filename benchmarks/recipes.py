@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trl-budget-s", type=float, help="the TRL runs' budget, when they need longer to reach the "
                    "target (default: --budget-s)")
     p.add_argument("--eval-every", type=int, default=5, help="steps between held-out evaluations")
+    p.add_argument("--at-step", type=int, default=30, help="the table's per-step column: accuracy at this step "
+                   "(runs sharing the machine do not get the same steps from the same CPU time)")
     p.add_argument("--trl-eval-every", type=int, help="the TRL runs' (default: --eval-every); TRL's steps take "
                    "longer, so fewer steps between evaluations keep time to target as fine-grained")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL GRPOTrainer baseline")
@@ -271,13 +273,17 @@ def label(row: dict) -> str:
     return "trl_grpo" if row["framework"] == "trl" else row["recipe"]
 
 
-def summary(rows: list[dict]) -> dict[tuple[str, str], dict]:
+def summary(rows: list[dict], at_step: int) -> dict[tuple[str, str], dict]:
     """Per (task, label): final accuracies over seeds, their mean and min-max, the mean over seeds of each
-    seed's last three evaluations (steadier than the last one alone), median time to TARGET."""
+    seed's last three evaluations (steadier than the last one alone), steps trained, accuracy at `at_step`
+    (when every seed evaluated there), median time to TARGET."""
     out: dict[tuple[str, str], dict] = {}
     for row in rows:
-        entry = out.setdefault((row["task"], label(row)), {"final": [], "last3": [], "start": [], "to_target": []})
+        entry = out.setdefault((row["task"], label(row)), {"final": [], "last3": [], "start": [], "to_target": [],
+                                                           "steps": [], "at_step": []})
         entry["final"].append(row["curve"][-1]["accuracy"])
+        entry["steps"].append(row["curve"][-1]["step"])
+        entry["at_step"].append(next((p["accuracy"] for p in row["curve"] if p["step"] == at_step), None))
         entry["last3"].append(statistics.mean(p["accuracy"] for p in row["curve"][-3:]))
         entry["start"].append(row["curve"][0]["accuracy"])
         entry["to_target"].append(time_to(row["curve"], TARGET))
@@ -288,14 +294,16 @@ def summary(rows: list[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
-def write_table(stats: dict, out: Path) -> str:
-    lines = [f"| task | recipe | seeds | start | final (mean) | final (min-max) | last 3 evals (mean) | "
-             f"time to {TARGET} (median) |", "|---|---|---|---|---|---|---|---|"]
+def write_table(stats: dict, out: Path, at_step: int) -> str:
+    lines = [f"| task | recipe | seeds | start | final (mean) | final (min-max) | last 3 evals (mean) | steps | "
+             f"at step {at_step} (mean) | time to {TARGET} (median) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (task, name), s in sorted(stats.items(), key=lambda kv: (kv[0][0], -kv[1]["mean"])):
         t = s["median_to_target"]
         shown = "not reached" if t == float("inf") else f"{t:.0f} s"
+        at = "-" if None in s["at_step"] else f"{statistics.mean(s['at_step']):.3f}"
         lines.append(f"| {task} | {name} | {len(s['final'])} | {statistics.mean(s['start']):.3f} | {s['mean']:.3f} | "
-                     f"{min(s['final']):.3f}-{max(s['final']):.3f} | {statistics.mean(s['last3']):.3f} | {shown} |")
+                     f"{min(s['final']):.3f}-{max(s['final']):.3f} | {statistics.mean(s['last3']):.3f} | "
+                     f"{min(s['steps'])}-{max(s['steps'])} | {at} | {shown} |")
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     return text
@@ -387,8 +395,8 @@ def main(argv=None) -> int:
     if not args.report:
         run_all(args, out, [run for run in runs if run not in done])
     rows = [r for r in load_results(out, args) if r["task"] in tasks]
-    stats = summary(rows)
-    print(write_table(stats, out))
+    stats = summary(rows, args.at_step)
+    print(write_table(stats, out, args.at_step))
     plot(rows, out)
     print(f"plots and table in {out}")
     print(result_line(stats, tasks, args.trl_budget_s))
