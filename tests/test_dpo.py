@@ -15,8 +15,10 @@ from rollmill.config import (AlgorithmConfig, ConfigError, TaskConfig, TinyModel
 from rollmill.models import build_char_tokenizer, build_tiny_model
 from rollmill.pipelines.common import encode_prompt
 from rollmill.runtime import dpo_offline, train
+from rollmill.runtime.loop import check_run_dir
 from rollmill.tasks import DataError, Example
 from rollmill.track import read_jsonl
+from rollmill.track.metrics import REFERENCE_CACHE
 from rollmill.train.logprobs import completion_logprobs
 from rollmill.train.preference import pair_batch, preference_metrics, preference_step, verified_pairs
 from rollmill.train.trainer import PolicyTrainer
@@ -154,7 +156,7 @@ def test_offline_dpo_learns_the_held_out_preference_scoring_the_reference_once(t
     assert after["eval/loss"] < before["eval/loss"] and all(r["dpo/pairs"] == 8 for r in records[1:])
     # 6 steps x 8 pairs is more than an epoch of the 32 training pairs, yet each pair was scored once
     assert records[-1]["dpo/epoch"] > 1 and scored == [32 + 8]
-    cache = tmp_path / "run" / dpo_offline.CACHE_FILE
+    cache = tmp_path / "run" / REFERENCE_CACHE
     assert cache.is_file() and (tmp_path / "run" / "checkpoints").is_dir()
 
 
@@ -169,7 +171,7 @@ def test_the_reference_cache_is_reused_and_invalidated(tmp_path, scored):
         return job.ref
 
     first = reference(cfg)
-    assert scored == [40] and (run / dpo_offline.CACHE_FILE).is_file()
+    assert scored == [40] and (run / REFERENCE_CACHE).is_file()
     again = reference(cfg)  # model and data unchanged: read back, the same numbers
     assert scored == [40] and all(torch.equal(first[k], again[k]) for k in ("train", "eval"))
     write_pairs(data, toy_pairs(40)[:-1] + [{"prompt": "Echo 39.", "chosen": "39!!", "rejected": "39?"}])
@@ -179,13 +181,15 @@ def test_the_reference_cache_is_reused_and_invalidated(tmp_path, scored):
     other = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tiny": TinyModelConfig(seed=7)})})
     reference(other)  # the same data, other initial weights: scored again
     assert scored == [40, 40, 40]
+    check_run_dir(run, resume=False, overwrite=True)  # --overwrite: the cache goes with the run's other files
+    assert not (run / REFERENCE_CACHE).exists()
 
 
 def test_offline_resume_is_exact_and_reads_the_cache(tmp_path, straight_and_resumed, scored):
     straight, resumed = straight_and_resumed(offline_config(tmp_path, train={"steps": 4}, checkpoint={"every": 1}))
     assert straight == resumed and len(straight) == 5
     assert scored == [40, 40]  # the straight run, and the split run's first half; its resume read the cache
-    cache = [(tmp_path / run / dpo_offline.CACHE_FILE).read_bytes() for run in ("straight", "split")]
+    cache = [(tmp_path / run / REFERENCE_CACHE).read_bytes() for run in ("straight", "split")]
     assert cache[0] == cache[1]
 
 

@@ -43,12 +43,12 @@ from rollmill.sft import prompt_chat, tokenize_conversation
 from rollmill.sft.data import read_records, with_system
 from rollmill.tasks import DataError, Example
 from rollmill.tasks.files import ROLES, Row as FileRow, split_rows
+from rollmill.track.metrics import REFERENCE_CACHE
 from rollmill.train.preference import pair_batch, preference_metrics, preference_update, reply_logps
 from rollmill.types import Row
 
 log = logging.getLogger(__name__)
 
-CACHE_FILE = "reference_logps.safetensors"
 CACHE_FORMAT = "1"  # bump when what the cache holds, or how it is computed, changes
 Pair = tuple[Row, Row]  # (chosen, rejected): the same prompt ids, each reply its own tokens and mask
 
@@ -252,7 +252,7 @@ class DPOJob(CursorJob):
         (before any update or checkpoint load: the policy is still the initial one) and cached."""
         t0 = time.perf_counter()
         splits = {"train": self.train_set, "eval": self.eval_set}
-        path, key = self.run_dir / CACHE_FILE, fingerprint(self.cfg, self.learner.model, splits)
+        path, key = self.run_dir / REFERENCE_CACHE, fingerprint(self.cfg, self.learner.model, splits)
         cached = read_cache(path, key)
         computed = cached is None
         if computed:

@@ -13,10 +13,13 @@ from rollmill.track.trackers import STATE_FILE, Trackers
 log = logging.getLogger(__name__)
 
 
+# The offline DPO job's reference log-probs (rollmill.runtime.dpo_offline): a file of the run, so
+# --overwrite removes it with the rest even though its fingerprint would keep a stale one from being read
+REFERENCE_CACHE = "reference_logps.safetensors"
 # What a run writes into its directory (besides other roles' files inside checkpoints/); wandb/,
 # mlflow.db and trackers.json are its trackers' (rollmill.track.trackers)
 RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "curves.png", "tensorboard", "wandb", "mlflow.db",
-             STATE_FILE, "checkpoints")
+             STATE_FILE, "checkpoints", REFERENCE_CACHE)
 
 
 def run_files(run_dir: Path, names: Sequence[str] = RUN_FILES) -> list[str]:
