@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from rollmill.config import ConfigError, config_from_dict, load_config
+from rollmill.cli import main
+from rollmill.config import ConfigError, config_from_dict, dump_config, load_config
 from rollmill.config.cascade import ProbeConfig
 from rollmill.runtime import evaluate, train
 from rollmill.runtime.cascade_probe import pass_rate_histogram, verifier_scores
@@ -120,6 +121,20 @@ def test_empty_routes_skip_their_stages_and_the_last_trained_stage_is_final(tmp_
         ("1-sft", "trained"), ("2-probe", "routed"), ("3-sft2", "skipped"), ("4-rl", "skipped")]
     assert "cascade stage 4-rl skipped: the probe routed no example to it" in caplog.text
     assert not (tmp_path / "run/4-rl").exists() and result.steps == 2
+
+
+def test_the_cli_prints_each_stages_accuracy_and_evaluates_and_exports_the_final_checkpoint(tmp_path, capsys):
+    dump_config(config_from_dict(cascade_dict(tmp_path, verifier="always")), tmp_path / "cascade.yaml")
+    run, final = tmp_path / "run", tmp_path / "run/1-sft/checkpoints/step_000002"  # only 1-sft trains
+    assert main(["train", str(tmp_path / "cascade.yaml"), "--run-dir", str(run)]) == 0
+    printed = capsys.readouterr().out
+    accuracy = json.loads((run / "cascade.json").read_text())["accuracy"]
+    assert f"accuracy by stage: base={accuracy['base']:.3f} 1-sft={accuracy['1-sft']:.3f}\n" in printed
+    assert f"final checkpoint: {final}\n" in printed
+    assert main(["eval", str(run)]) == 0
+    assert capsys.readouterr().out.startswith(f"{final}: 6 held-out prompts")
+    assert main(["export", str(run), str(tmp_path / "exported")]) == 0
+    assert capsys.readouterr().out.startswith(f"{final} -> ") and (tmp_path / "exported/config.json").is_file()
 
 
 def test_a_lora_stage_is_merged_into_the_folder_the_next_stage_starts_from(tmp_path):

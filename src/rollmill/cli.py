@@ -43,25 +43,43 @@ def cmd_train(args) -> int:
     result = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite)
     print(f"held-out before: {_fmt(result.eval_before)}")
     print(f"held-out after:  {_fmt(result.eval_after)}")
+    if cfg.pipeline == "cascade":
+        from rollmill.runtime.cascade import read_summary
+
+        summary = read_summary(result.run_dir)
+        by_stage = " ".join(f"{stage}={acc:.3f}" for stage, acc in summary["accuracy"].items())
+        print(f"accuracy by stage: {by_stage or 'n/a'}")
+        print(f"final checkpoint: {summary['final_checkpoint'] or 'none (no stage trained)'}")
     print(f"run directory:   {result.run_dir}")
     return 0
 
 
-def cmd_eval(args) -> int:
-    from rollmill.runtime import evaluate
+def _newest_checkpoint(run_dir: Path) -> tuple[Path, Path]:
+    """(checkpoint, the run directory it belongs to) for `run_dir`: its newest checkpoint, or for a cascade's
+    run directory the final checkpoint of its last trained stage (in that stage's directory)."""
+    from rollmill.runtime.cascade import read_summary
     from rollmill.train import list_checkpoints
 
+    summary = read_summary(run_dir)
+    if summary is not None:
+        if summary["final_checkpoint"] is None:
+            raise ConfigError(f"{run_dir} holds a cascade in which no stage has trained yet: no checkpoint")
+        checkpoint = Path(summary["final_checkpoint"])
+        return checkpoint, checkpoint.parent.parent
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    if not ckpts:
+        raise ConfigError(f"{run_dir} is neither a checkpoint nor a run directory with checkpoints")
+    return ckpts[-1], run_dir
+
+
+def cmd_eval(args) -> int:
+    from rollmill.runtime import evaluate
+
     target = Path(args.target) if args.target else None
-    run_dir = target if target is not None and target.is_dir() else None
+    checkpoint, run_dir = _newest_checkpoint(target) if target is not None and target.is_dir() else (None, None)
     cfg = load_run_config(run_dir / "config.yaml" if run_dir else target, args.set)
     overrides = {k: v for k, v in (("n", args.n), ("temperature", args.temperature)) if v is not None}
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update=overrides)})
-    checkpoint = None
-    if run_dir is not None:
-        ckpts = list_checkpoints(run_dir / "checkpoints")
-        if not ckpts:
-            raise ConfigError(f"{run_dir} has no checkpoint to evaluate")
-        checkpoint = ckpts[-1]
     metrics, count = evaluate(cfg, checkpoint)
     what = f"held-out {cfg.env.name} episodes" if cfg.pipeline == "agentic" else "held-out prompts"
     print(f"{checkpoint or 'initial weights'}: {count} {what}: {_fmt(metrics)}")
@@ -70,16 +88,12 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     from rollmill.runtime import export
-    from rollmill.train import list_checkpoints
 
     target = Path(args.target)
     if (target / "state.json").is_file():  # a checkpoint folder: its run is two levels up
         checkpoint, run_dir = target, target.parent.parent
     else:
-        ckpts = list_checkpoints(target / "checkpoints")
-        if not ckpts:
-            raise ConfigError(f"{target} is neither a checkpoint nor a run directory with checkpoints")
-        checkpoint, run_dir = ckpts[-1], target
+        checkpoint, run_dir = _newest_checkpoint(target)
     cfg = load_run_config(run_dir / "config.yaml")
     try:
         out = export(cfg, checkpoint, Path(args.out))
@@ -279,14 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="pass@1 / pass@k on the held-out split")
-    p.add_argument("target", nargs="?", help="a run directory (latest checkpoint) or a YAML config (initial weights)")
+    p.add_argument("target", nargs="?", help="a run directory (latest checkpoint; a cascade's: its final one) or a YAML config (initial weights)")
     p.add_argument("--set", **sets)
     p.add_argument("--n", type=int, default=None, help="samples per prompt (pass@k for k <= n)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a checkpoint as a standalone transformers folder (LoRA merged)")
-    p.add_argument("target", help="a run directory (latest checkpoint) or one of its checkpoints/step_N folders")
+    p.add_argument("target", help="a run directory (latest checkpoint; a cascade's: its final one) or one of its checkpoints/step_N folders")
     p.add_argument("out", help="the new model folder")
     p.set_defaults(func=cmd_export)
 

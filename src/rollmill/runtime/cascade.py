@@ -246,6 +246,12 @@ def write_summary(run_dir: Path, name: str, records: list[dict]) -> None:
     (run_dir / SUMMARY_MD).write_text(summary_markdown(summary, run_dir))
 
 
+def read_summary(run_dir: Path) -> dict | None:
+    """The cascade.json of a cascade's run directory; None when `run_dir` holds no cascade."""
+    path = run_dir / SUMMARY_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def summary_markdown(summary: dict, run_dir: Path) -> str:
     """A table of the stages: what each did and its held-out accuracy; paths relative to `run_dir`."""
     accuracy = summary["accuracy"]
