@@ -147,3 +147,17 @@ def test_plot_without_training_diagnostics_keeps_its_two_panels():
     fig = _figure(_records())
     assert _titles(fig) == ["training batch", "held-out eval"]
     assert [line.get_label() for line in fig.axes[1].lines] == ["eval/accuracy"]
+
+
+def test_plot_of_a_run_without_rewards_draws_its_held_out_loss_and_each_domains_weight():
+    rows = [{"step": 0, "eval/accuracy": 0.0, "eval/loss": 2.0}]
+    for step in range(1, 7):  # what a DDK distillation run logs: no reward, a weight per domain
+        rows.append({"step": step, "loss": 2.0 / step, "ddk/weight/add": 0.5 - step / 100,
+                     "ddk/weight/max": 0.5 + step / 100, **({"eval/loss": 1.0, "eval/accuracy": 0.5} if step == 6 else {})})
+    fig = _figure(rows)
+    assert _titles(fig) == ["held-out eval", "loss", "DDK domain weight"]
+    loss, weights = fig.axes[1], fig.axes[2]
+    assert [line.get_label() for line in loss.lines] == ["loss", "eval/loss"]
+    assert list(loss.lines[1].get_xdata()) == [0, 6] and loss.lines[1].get_marker() == "o"
+    assert [line.get_label() for line in weights.lines] == ["ddk/weight/add", "ddk/weight/max"]
+    assert list(weights.lines[1].get_ydata()) == [0.5 + s / 100 for s in range(1, 7)]

@@ -1,5 +1,6 @@
-"""`rollmill plot RUN_DIR`: a PNG of a run's curves against step: training reward, held-out accuracy (or
-success), and whichever of loss, KL, entropy, response length and gradient norm the run logged."""
+"""`rollmill plot RUN_DIR`: a PNG of a run's curves against step: training reward (RL runs), held-out
+accuracy (or success, or preference accuracy), and whichever of loss, KL, entropy, response length,
+gradient norm, preference margin and DDK domain weights the run logged."""
 
 from __future__ import annotations
 
@@ -11,17 +12,22 @@ from rollmill.track.metrics import read_jsonl
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-# Panels drawn only when the run logged one of their keys: (title, keys). The keys are what the trainer,
-# the critic, the KL controller and the pipelines write into metrics.jsonl.
+# Panels drawn only when the run logged one of their keys: (title, keys); a key ending in "/" stands for
+# every key it begins (one curve per domain). The keys are what the trainer, the critic, the KL controller,
+# the pipelines and the SFT, DPO and distillation jobs write into metrics.jsonl; held-out ("eval/") keys
+# share a panel with their training counterparts, so the gap between the two is visible.
 OPTIONAL_PANELS = (
-    ("loss", ("loss", "value_loss")),
-    ("KL", ("kl", "approx_kl", "kl/reward_side")),
+    ("loss", ("loss", "value_loss", "eval/loss")),
+    ("KL", ("kl", "approx_kl", "kl/reward_side", "eval/kl")),
     ("entropy", ("entropy",)),
     ("response length (tokens)", ("response_length/mean", "episode/reply_tokens", "tail/response_length_p90")),
     ("grad norm", ("grad_norm", "critic/grad_norm")),
+    ("preference margin", ("dpo/reward_margin", "eval/reward_margin")),
+    ("DDK domain weight", ("ddk/weight/",)),
 )
 TRAIN_KEYS = (("reward/mean", "-"), ("accuracy/train", "--"), ("episode/success", "--"))
-COLUMNS = 3  # panels per row once there are more than the two always drawn
+EVAL_KEYS = ("eval/accuracy", "eval/success", "eval/preference_accuracy", "eval/teacher_accuracy")
+COLUMNS = 3  # panels per row once there are more than two
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
@@ -35,39 +41,44 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
 
 
 def build_figure(records: list[dict], title: str) -> Figure:
-    """The matplotlib Figure of `records` (metrics.jsonl rows): one panel for the training batch, one for
-    held-out evals, then one per OPTIONAL_PANELS group the records hold.
+    """The matplotlib Figure of `records` (metrics.jsonl rows): one panel for the training batch (when the
+    run logged a reward: SFT, DPO and distillation runs do not), one for held-out evals, then one per
+    OPTIONAL_PANELS group the records hold.
 
     A bare Figure, not pyplot's: it needs no display backend (cluster nodes have none) and is freed
     with its last reference instead of living on in pyplot's registry of open figures."""
     from matplotlib.figure import Figure
 
-    logged = {k for r in records for k in r}
-    extra = [(name, [k for k in keys if k in logged]) for name, keys in OPTIONAL_PANELS if logged.intersection(keys)]
-    n = 2 + len(extra)
-    cols = 2 if n == 2 else COLUMNS
+    logged = sorted({k for r in records for k in r})
+    train_keys = [(key, style) for key, style in TRAIN_KEYS if key in logged]
+    extra = [(name, found) for name, keys in OPTIONAL_PANELS if (found := _matching(keys, logged))]
+    panels = ([("training batch", None)] if train_keys else []) + [("held-out eval", (-0.05, 1.05))] + [
+        (name, None) for name, _ in extra]
+    n = len(panels)
+    cols = n if n <= 2 else COLUMNS
     rows = -(-n // cols)
     fig = Figure(figsize=(5.5 * cols, 4 * rows))
     axes = list(fig.subplots(rows, cols, squeeze=False).flat)
     for ax in axes[n:]:
         fig.delaxes(ax)
-    ax_train, ax_eval, *ax_extra = axes[:n]
-    for key, style in TRAIN_KEYS:
-        _curve(ax_train, records, key, style)
-    ax_train.set(title="training batch")  # rewards may be negative (penalties): no fixed y range
-    evals = sorted(k for k in logged if k in ("eval/accuracy", "eval/success") or k.startswith("eval/pass@"))
-    for key in evals:
-        _curve(ax_eval, records, key, "o-")
-    ax_eval.set(title="held-out eval", ylim=(-0.05, 1.05))
-    for ax, (name, keys) in zip(ax_extra, extra):
-        for key in keys:
-            _curve(ax, records, key, "-")
-        ax.set(title=name)
-    for ax in axes[:n]:
+    curves = ([train_keys] if train_keys else []) + [
+        [(k, "o-") for k in logged if k in EVAL_KEYS or k.startswith("eval/pass@")]] + [
+        [(k, "o-" if k.startswith("eval/") else "-") for k in keys] for _, keys in extra]
+    for ax, (name, ylim), keys in zip(axes, panels, curves):
+        for key, style in keys:
+            _curve(ax, records, key, style)
+        ax.set(title=name)  # rewards may be negative (penalties): only held-out rates get a fixed y range
+        if ylim:
+            ax.set_ylim(ylim)
         _finish(ax)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _matching(keys: tuple[str, ...], logged: list[str]) -> list[str]:
+    """The logged keys a panel draws, in the panel's order; a key ending in "/" matches every key it begins."""
+    return [k for want in keys for k in logged if k == want or (want.endswith("/") and k.startswith(want))]
 
 
 def _curve(ax, records: list[dict], key: str, style: str) -> None:
