@@ -32,6 +32,7 @@ run: $(STAMP)
 	$(BIN)/rollmill train
 
 test: $(STAMP)
+	$(BIN)/ruff check
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

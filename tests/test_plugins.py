@@ -4,7 +4,6 @@ entry points (rollmill.plugins), in either reward form, async included."""
 from __future__ import annotations
 
 import sys
-import textwrap
 import time
 
 import pytest

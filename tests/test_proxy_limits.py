@@ -14,7 +14,10 @@ from transformers import PreTrainedTokenizerFast
 from rollmill.proxy import ModelProxy
 from rollmill.proxy.stream import token_pieces
 
-from test_proxy import RecordingEngine, StopStringEngine, hf_engine, template_ids, tok, user_turn  # noqa: F401 (fixtures)
+# tok and hf_engine are test_proxy's fixtures: imported here, pytest passes them to the tests by name, which
+# pyflakes reads as shadowing the imports
+# ruff: noqa: F811
+from test_proxy import RecordingEngine, StopStringEngine, hf_engine, template_ids, tok, user_turn  # noqa: F401
 
 SEED = 7
 ERROR_KEYS = {"message", "type", "param", "code"}

@@ -85,6 +85,10 @@ def test_host_loopback_server_is_unreachable_but_own_loopback_works(sandbox):
     assert own.stdout.strip() == "200"
 
 
+def sh(cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, shell=True, check=True, capture_output=True)
+
+
 @pytest.fixture
 def netns_host():
     """A web server at 198.51.100.2 (TEST-NET-2) in a network namespace of our own, reachable from
@@ -96,7 +100,6 @@ def netns_host():
         pytest.skip("the host already has a TEST-NET-2 address; not touching its network")
     tag = uuid.uuid4().hex[:6]
     ns, host_if, ns_if = f"rmtest-{tag}", f"rmh{tag}", f"rmn{tag}"
-    sh = lambda cmd: subprocess.run(cmd, shell=True, check=True, capture_output=True)
     sh(f"ip netns add {ns}")
     server = None
     try:

@@ -10,7 +10,8 @@ from typing import get_args
 import pytest
 
 from rollmill.checks import check_config
-from rollmill.config import ConfigError, TrackerName, config_from_dict
+from rollmill.config import ConfigError, config_from_dict
+from rollmill.config.training import TrackerName
 from rollmill.runtime import train
 from rollmill.track import read_jsonl
 from rollmill.track.metrics import NONDETERMINISTIC_PREFIXES, scalars

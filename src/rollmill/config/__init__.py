@@ -27,7 +27,7 @@ from rollmill.config.cascade import CascadeConfig, check_stages
 from rollmill.config.distill import DistillConfig
 from rollmill.config.dpo import DPOConfig
 from rollmill.config.sft import SFTConfig
-from rollmill.config.training import CheckpointConfig, EvalConfig, LogConfig, TrackerName, TrainConfig
+from rollmill.config.training import CheckpointConfig, EvalConfig, LogConfig, TrainConfig
 
 
 class TinyModelConfig(Strict):

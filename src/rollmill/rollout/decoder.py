@@ -115,15 +115,15 @@ class Decoder:
         """Take a private copy of the model's current weights (fused, packed projections; norms; embedding)."""
         frozen = lambda module: copy.deepcopy(module).requires_grad_(False).to(self.dtype)  # noqa: E731
         self.embed, self.norm = frozen(self.model.model.embed_tokens), frozen(self.model.model.norm)
-        self.input_norms = [frozen(l.input_layernorm) for l in self.layers]
-        self.post_norms = [frozen(l.post_attention_layernorm) for l in self.layers]
-        self.qk_norms = [(frozen(l.self_attn.q_norm), frozen(l.self_attn.k_norm)) if hasattr(l.self_attn, "q_norm")
-                         else None for l in self.layers]
-        self.qkv = [fused_linear([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], self.packed, self.dtype)
-                    for l in self.layers]
-        self.out = [fused_linear([l.self_attn.o_proj], self.packed, self.dtype) for l in self.layers]
-        self.gate_up = [fused_linear([l.mlp.gate_proj, l.mlp.up_proj], self.packed, self.dtype) for l in self.layers]
-        self.down = [fused_linear([l.mlp.down_proj], self.packed, self.dtype) for l in self.layers]
+        self.input_norms = [frozen(layer.input_layernorm) for layer in self.layers]
+        self.post_norms = [frozen(layer.post_attention_layernorm) for layer in self.layers]
+        attn = [layer.self_attn for layer in self.layers]
+        self.qk_norms = [(frozen(a.q_norm), frozen(a.k_norm)) if hasattr(a, "q_norm") else None for a in attn]
+        self.qkv = [fused_linear([a.q_proj, a.k_proj, a.v_proj], self.packed, self.dtype) for a in attn]
+        self.out = [fused_linear([a.o_proj], self.packed, self.dtype) for a in attn]
+        mlps = [layer.mlp for layer in self.layers]
+        self.gate_up = [fused_linear([m.gate_proj, m.up_proj], self.packed, self.dtype) for m in mlps]
+        self.down = [fused_linear([m.down_proj], self.packed, self.dtype) for m in mlps]
         self.lm_head = fused_linear([self.model.lm_head], self.packed, self.dtype)
 
     def new_cache(self, slots: int, capacity: int) -> SlotKV:

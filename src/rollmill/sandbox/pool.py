@@ -168,7 +168,8 @@ class SandboxPool:
             time.sleep(interval_s)
             now = time.monotonic()
             with self._cond:
-                expired = [l for sid, l in self._leases.items() if not sid.startswith("pending-") and l.deadline < now]
+                expired = [lease for sid, lease in self._leases.items()
+                           if not sid.startswith("pending-") and lease.deadline < now]
             for lease in expired:
                 log.warning("sandbox %s: lease expired after its TTL, destroying it", lease.id)
                 with self._cond:

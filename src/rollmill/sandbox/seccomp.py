@@ -97,7 +97,7 @@ def program(machine: str | None = None) -> bytes:
     body += [("enosys", numbers["clone3"]), ("clone", numbers["clone"])]
     body += [("eperm", nr) for nr in denied]
     n = len(body)
-    allow, eperm, enosys, clone = n, n + 1, n + 2, n + 3
+    eperm, enosys, clone = n + 1, n + 2, n + 3  # the allow return is at n
     code = []
     for i, item in enumerate(body):
         if isinstance(item[0], int):
