@@ -115,7 +115,8 @@ def reply_logits(model, batch: PackedBatch, autocast: torch.dtype | None = None)
                                   attention_mask=batch.attention_mask(dtype).to(device),
                                   position_ids=batch.position_ids.to(device)).last_hidden_state
     targets = batch.loss_mask.flatten().nonzero().squeeze(-1)  # mask is 0 at column 0: targets - 1 is in the row
-    logits = _head_logits(model, hidden.flatten(0, 1)[(targets - 1).to(device)].to(head.dtype))
+    # index_select, as in completion_logprobs: its backward is deterministic on CPU
+    logits = _head_logits(model, hidden.flatten(0, 1).index_select(0, (targets - 1).to(device)).to(head.dtype))
     return logits, batch.input_ids.flatten()[targets].to(device)
 
 

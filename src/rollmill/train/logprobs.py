@@ -126,7 +126,11 @@ def completion_logprobs(
             hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
         else:
             hidden = model.base_model(**inputs).last_hidden_state
-    logits = _head_logits(model, hidden.flatten(0, 1)[predictors.to(device)].to(head.dtype))
+    # index_select, not hidden[...][predictors]: a prompt's last position predicts the first token of every
+    # completion packed after it, and the backward of advanced indexing adds repeated rows with CPU atomics
+    # in whatever order the threads run, so two runs of the same update differed in the last bits and then
+    # in which tokens they sampled; index_select's backward adds them in index order
+    logits = _head_logits(model, hidden.flatten(0, 1).index_select(0, predictors.to(device)).to(head.dtype))
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logp_all = logits.log_softmax(dim=-1)
