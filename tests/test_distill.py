@@ -193,6 +193,7 @@ def test_ddk_weights_follow_the_gaps_and_resume_exactly(tmp_path, straight_and_r
     ({"distill": {"temperature": 2.0}}, "unknown key 'distill.temperature'"),
     ({"runtime": {"backend": "ray"}}, "runtime.backend must be 'local'"),
     ({"model": {"keep_layers": 0}}, "model.keep_layers"),
+    ({"algorithm": {"kl_coef": 0.1}}, "pipeline 'distill' does not use it (set here: algorithm.kl_coef"),
 ])
 def test_distill_config_errors_name_the_key(tmp_path, change, message):
     data = {**tiny_config_dict(tmp_path), "pipeline": "distill", "distill": {"teacher": {"source": "tiny"}}}

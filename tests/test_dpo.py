@@ -108,6 +108,12 @@ def test_the_dpo_section_belongs_to_the_dpo_pipeline(tmp_path):
         dpo_config(tmp_path, dpo={"loss": "kto"})
 
 
+def test_dpo_on_a_preference_file_refuses_an_algorithm_section_it_would_ignore(tmp_path):
+    with pytest.raises(ConfigError, match=r"pipeline dpo with dpo.path does not use it \(set here: algorithm.kl_coef\)"):
+        offline_config(tmp_path, algorithm={"kl_coef": 0.1})
+    assert dpo_config(tmp_path, algorithm={"kl_coef": 0.1}).algorithm.kl_coef == 0.1  # on-policy DPO samples as RL does
+
+
 # -- DPO on a preference file -------------------------------------------------------------------------
 def write_pairs(path, rows) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -181,6 +181,8 @@ def test_sft_resumes_exactly_as_a_straight_run_with_held_out_accuracy_and_sample
     ({"sft": {"eval_path": "x.jsonl"}}, "sft.eval_path holds chat conversations"),
     ({"sft": {"max_seq_len": 0}}, "sft.max_seq_len"),
     ({"sft": {"packing": True}}, "unknown key 'sft.packing'"),
+    ({"algorithm": {"name": "dapo"}}, "the algorithm section applies only to RL pipelines; pipeline 'sft' does not "
+                                      "use it (set here: algorithm.clip_eps_high"),
 ])
 def test_sft_config_errors_name_the_key(tmp_path, change, message):
     data = {**tiny_config_dict(tmp_path), "pipeline": "sft"}

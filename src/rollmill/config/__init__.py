@@ -265,6 +265,18 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _algorithm_for_rl(self) -> "RunConfig":
+        """SFT, distillation and DPO on a preference file take no RL objective: an algorithm section there
+        would be silently ignored."""
+        offline_dpo = self.pipeline == "dpo" and self.dpo.offline
+        if (self.pipeline in ("sft", "distill") or offline_dpo) and self.algorithm != AlgorithmConfig():
+            what = "dpo with dpo.path" if offline_dpo else repr(self.pipeline)
+            changed = sorted(k for k, v in self.algorithm.model_dump().items() if v != getattr(AlgorithmConfig(), k))
+            raise ValueError(f"the algorithm section applies only to RL pipelines; pipeline {what} does not use it "
+                             f"(set here: {', '.join(f'algorithm.{k}' for k in changed)}): remove it")
+        return self
+
+    @model_validator(mode="after")
     def _sft_fits(self) -> "RunConfig":
         """SFT trains in this process from the chat template's masks; its section means nothing elsewhere."""
         if self.pipeline != "sft":

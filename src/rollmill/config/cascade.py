@@ -145,6 +145,8 @@ def stage_tree(base: dict, stage: str, model: dict | None = None, task: dict | N
     tree["pipeline"] = "rlvr" if stage == RL_STAGE else "sft"
     if stage == RL_STAGE:
         tree.pop("sft", None)
+    else:  # the shared algorithm section is the RL stage's
+        tree.pop("algorithm", None)
     if stage == SFT2_STAGE:
         tree["sft"] = {**tree.get("sft", {}), "path": None, "eval_path": None}
     if model is not None:
