@@ -110,6 +110,34 @@ def test_ipa_resampled_episodes_restart_from_a_chunk_boundary(agentic, tmp_path,
         assert sample["resampled_from"]["episode"] == 0 and 1 <= k < 4 and len(sample["turns"]) > k
 
 
+def test_only_a_launch_that_holds_a_resampled_episode_publishes_its_episode_0(agentic):
+    """With the group spread over workers, a piece without the group's last episodes has no reader for
+    episode 0: publishing it would keep an entry that no reader ever drops."""
+    import asyncio
+
+    from rollmill.models import build_char_tokenizer
+    from rollmill.pipelines.agentic import EnvEpisodes
+    from rollmill.pipelines.base import EpisodeContext
+    from rollmill.types import GroupSpec, Trajectory
+
+    episodes = EnvEpisodes(agentic(agent={"credit": "ipa", "ipa_resample": 1}), build_char_tokenizer())
+
+    def piece(*indices):  # the samples of group 7 that one launch holds
+        return GroupSpec(7, 7, None, indices)
+
+    assert [episodes._readers(piece(*i)) for i in [(0, 1, 2), (0, 2), (0, 1), (1,)]] == [1, 1, 0, 0]
+    assert episodes._is_prefix(piece(0, 2), 0) and not episodes._is_prefix(piece(0, 1), 0)
+
+    async def publish_then_read():
+        ctx = EpisodeContext(generate=None, score=None)
+        reader = asyncio.ensure_future(episodes._prefixes.get((7, 0), ctx, readers=episodes._readers(piece(0, 2))))
+        await asyncio.sleep(0)
+        episodes._prefixes.publish((7, 0), Trajectory(7, 0, 7))
+        return await reader
+
+    assert (asyncio.run(publish_then_read())).index == 0 and episodes._prefixes._waiting == {}
+
+
 def test_ipa_resample_settings_are_checked(agentic):
     with pytest.raises(ConfigError, match="agent.ipa_resample=1 needs agent.credit 'ipa'"):
         agentic(agent={"ipa_resample": 1})

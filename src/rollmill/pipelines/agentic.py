@@ -89,8 +89,18 @@ class EnvEpisodes:
                 self._prefixes.publish((spec.group_id, spec.attempt), traj if clean else None)
         return traj
 
+    def _readers(self, spec: GroupSpec) -> int:
+        """How many episodes of this launch restart from its episode 0: those of the group's last
+        `agent.ipa_resample` it holds (a launch may hold part of a group: `async.prompt_replication`)."""
+        if not self.resample or spec.eval:
+            return 0
+        group = self.cfg.rollout.group_size
+        return sum(group - self.resample <= i < group for i in spec.indices)
+
     def _is_prefix(self, spec: GroupSpec, index: int) -> bool:
-        return self.resample > 0 and not spec.eval and index == 0
+        """Whether this episode is published for resampling: episode 0, when its launch holds a reader (an
+        entry without readers would never be dropped)."""
+        return index == 0 and self._readers(spec) > 0
 
     async def _resample_point(self, spec: GroupSpec, index: int, seed: int,
                               ctx: EpisodeContext) -> tuple[Trajectory | None, int]:
@@ -101,7 +111,7 @@ class EnvEpisodes:
         group = self.cfg.rollout.group_size
         if not (self.resample and not spec.eval and group - self.resample <= index < group and 0 in spec.indices):
             return None, 0
-        prefix = await self._prefixes.get((spec.group_id, spec.attempt), ctx, readers=self.resample)
+        prefix = await self._prefixes.get((spec.group_id, spec.attempt), ctx, readers=self._readers(spec))
         if prefix is None or prefix.failed or prefix.num_turns < 2:
             return None, 0
         return prefix, random.Random(seed).randint(1, prefix.num_turns - 1)
