@@ -77,6 +77,25 @@ def test_gigpo_zero_std_gives_zero():
     close(b, [0.0, 0.0])
 
 
+def test_algorithm_std_eps_reaches_gigpo():
+    from rollmill.config import AgentConfig
+    from rollmill.config.algorithm import AlgorithmConfig
+    from rollmill.train.advantages import AdvantageComputer
+    from rollmill.train.agent_credit import turn_advantages
+    from rollmill.types import Trajectory, Turn
+
+    trajs = []
+    for index, (rewards, states) in enumerate(zip(GIGPO["step_rewards"], GIGPO["states"])):
+        traj = Trajectory(0, index, 0)
+        traj.turns = [Turn("r", "a", "o", float(r), s, None, False, 0, "stop") for r, s in zip(rewards, states)]
+        trajs.append(traj)
+    agent = AgentConfig(credit="gigpo", gamma=0.95)
+    # eps 1: the episode term of the worked example is 0.5 / (0.707107 + 1) instead of 0.5 / 0.707107
+    a, b = turn_advantages(trajs, agent, AdvantageComputer(AlgorithmConfig(std_eps=1.0)), group_size=2)
+    close(a, gigpo_advantages(**GIGPO, eps=1.0)[0])
+    close(a[2], 0.5 / (0.5 ** 0.5 + 1))  # s2 is visited once: its step term is 0
+
+
 def test_gigpo_rejects_misaligned_states():
     with pytest.raises(ValueError, match="2 step rewards but 1 states"):
         gigpo_advantages([t(0, 1)], [["s0"]], [0])

@@ -78,8 +78,9 @@ class AlgorithmConfig(Strict):
     loss_agg_norm_by_seqs: bool = Field(False, description="seq-mean-token-sum-norm also divides by N (verl; TRL's "
                                         "dr_grpo with loss_agg_seq_count: all)")
     # Round two: advantages
-    std_eps: float = Field(1e-6, gt=0.0, description="eps added to every advantage std (whitening, GAE and GDPO "
-                                                      "included): 1e-6 as verl; TRL's GRPOTrainer uses 1e-4")
+    std_eps: float = Field(1e-6, gt=0.0, description="eps added to every advantage std (whitening, GAE, GDPO and "
+                                                      "GiGPO included; TurningPoint keeps its reference's 1e-4): "
+                                                      "1e-6 as verl; TRL's GRPOTrainer uses 1e-4")
     value_loss_agg: str = Field("seq-mean-token-mean", description="critic value-loss aggregation, a loss_agg "
                                                                     "mode (ROLL's seq-mean-token-mean; verl: token-mean)")
 

@@ -32,7 +32,7 @@ def turn_advantages(trajs: list[Trajectory], agent: AgentConfig, scalar: Advanta
         rewards = [torch.tensor([turn.reward for turn in t.turns], dtype=torch.float32) for t in trajs]
         states = [[turn.state for turn in t.turns] for t in trajs]
         return gigpo_advantages(rewards, states, groups, gamma=agent.gamma, step_weight=agent.gigpo_step_weight,
-                                scale_by_std=agent.gigpo_scale_by_std)
+                                scale_by_std=agent.gigpo_scale_by_std, eps=scalar.algo.std_eps)
     if agent.credit == "ipa":
         returns = ipa_chunk_returns([t.num_turns for t in trajs], [t.reward for t in trajs], [t.success for t in trajs],
                                     gamma=agent.gamma, failure_reward=agent.ipa_failure_reward)
@@ -41,6 +41,7 @@ def turn_advantages(trajs: list[Trajectory], agent: AgentConfig, scalar: Advanta
     step_rewards, flags = map(list, zip(*(turning_point_rewards(v, eta=agent.tp_eta) for v in values)))
     if agent.tp_balance:
         step_rewards, flags = balance_turning_points(step_rewards, flags, values)
+    # TurningPoint keeps its reference's 1e-4 (algos/agentic.py), not algorithm.std_eps
     return per_step_group_advantages(_with_penalties(step_rewards, trajs, agent), groups)
 
 
