@@ -103,6 +103,22 @@ def test_queue_waits_for_the_baseline_sample_and_hands_its_reward_to_the_group(t
     assert queue._again(spec).indices == (0, 1, 2, 3, BASELINE_INDEX)
 
 
+def test_a_failed_greedy_sample_leaves_its_group_the_mean_of_its_own_rewards(tiny_cfg):
+    from rollmill.pipelines.rlvr import greedy_baselines
+
+    queue = SampleQueue(tiny_cfg(algorithm={"advantage": "remax"}), drop_failed_groups=False)
+    queue.launched([GroupSpec(g, g, None, (0, 1, 2, 3, BASELINE_INDEX)) for g in (0, 1)], 0)
+    for g in (0, 1):
+        for i, r in enumerate([1.0, 0.0, 0.0, 1.0] if g == 0 else [1.0, 1.0, 1.0, 0.0]):
+            queue.add(traj(g, i, r))
+    failed = traj(0, BASELINE_INDEX, 0.0)
+    failed.failed = True  # its reward function raised: scored 0, for no fault of the reply
+    queue.add(failed)
+    queue.add(traj(1, BASELINE_INDEX, 0.0))  # a greedy reply that was simply wrong
+    assert queue.counts["remax/failed_baselines"] == 1
+    assert greedy_baselines([queue.ready[0], queue.ready[1]]).tolist() == [0.5, 0.0]
+
+
 def test_remax_greedy_sample_is_generated_scored_and_not_trained(tiny_cfg, make_job, tmp_path):
     cfg = tiny_cfg(algorithm={"advantage": "remax", "track_kl": False}, eval={"before": False})
     job = make_job(cfg, tmp_path / "run")

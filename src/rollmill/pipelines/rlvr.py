@@ -167,7 +167,8 @@ class RLVRPipeline(RLPipeline):
         trajs = [t for g in groups for t in g]
         scores = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)
         lengths = [len(t.rows[0].token_ids) for t in trajs]
-        greedy = [g[0].info["baseline_reward"] for g in groups if "baseline_reward" in g[0].info]
+        greedy = [g[0].info["baseline_reward"] for g in groups
+                  if "baseline_reward" in g[0].info and not g[0].info.get("baseline_failed")]
         return {
             "rollout/samples": len(trajs),
             "reward/mean": float(scores.mean()),
@@ -258,12 +259,15 @@ def decoupled_scores(groups: list[list[Trajectory]], cfg: RunConfig) -> torch.Te
 
 
 def greedy_baselines(groups: list[list[Trajectory]]) -> torch.Tensor:
-    """[P]: each group's greedy reward (ReMax, §C.3), which the sample queue put on its samples."""
+    """[P]: each group's greedy reward (ReMax, §C.3), which the sample queue put on its samples. A greedy
+    sample that failed (its reward function raised or timed out) scored 0 for a reason that says nothing of
+    the prompt: that group's baseline is the mean reward of its own samples instead."""
     missing = [g[0].group_id for g in groups if "baseline_reward" not in g[0].info]
     if missing:
         raise ValueError(f"groups {missing} have no greedy baseline sample (info 'baseline_reward'), which "
                          f"algorithm.advantage {GREEDY_BASELINE_ADVANTAGES} needs")
-    return torch.tensor([g[0].info["baseline_reward"] for g in groups], dtype=torch.float32)
+    return torch.tensor([sum(t.reward for t in g) / len(g) if g[0].info.get("baseline_failed")
+                         else g[0].info["baseline_reward"] for g in groups], dtype=torch.float32)
 
 
 def loss_weights(trajs: list[Trajectory], scores: torch.Tensor, cfg: RunConfig) -> torch.Tensor:

@@ -147,6 +147,9 @@ class SampleQueue:
         if group.baseline is not None:
             for t in trajs:
                 t.info["baseline_reward"] = group.baseline.reward
+                t.info["baseline_failed"] = group.baseline.failed
+            if group.baseline.failed:
+                self.count("remax/failed_baselines")
         if self.drop_failed and any(t.failed for t in trajs):
             self.dropped.append(trajs)
             self._drop("groups/dropped_for_failure")
