@@ -119,6 +119,18 @@ def test_a_failed_greedy_sample_leaves_its_group_the_mean_of_its_own_rewards(tin
     assert greedy_baselines([queue.ready[0], queue.ready[1]]).tolist() == [0.5, 0.0]
 
 
+def test_dynamic_sampling_keeps_a_remax_group_whose_samples_agree_but_differ_from_the_greedy_reply(tiny_cfg):
+    queue = SampleQueue(tiny_cfg(algorithm={"advantage": "remax"}, filters={"dynamic_sampling": True}),
+                        drop_failed_groups=False)
+    queue.launched([GroupSpec(g, g, None, (0, 1, 2, 3, BASELINE_INDEX)) for g in (0, 1)], 0)
+    for g, greedy in ((0, 0.0), (1, 1.0)):  # every sample right; the greedy reply wrong (0), or right too (1)
+        for i in range(4):
+            queue.add(traj(g, i, 1.0))
+        queue.add(traj(g, BASELINE_INDEX, greedy))
+    assert list(queue.ready) == [0]  # advantages 1 - 0 = 1 train; 1 - 1 = 0 everywhere do not
+    assert queue.counts["filter/dropped_groups"] == 1
+
+
 def test_remax_greedy_sample_is_generated_scored_and_not_trained(tiny_cfg, make_job, tmp_path):
     cfg = tiny_cfg(algorithm={"advantage": "remax", "track_kl": False}, eval={"before": False})
     job = make_job(cfg, tmp_path / "run")

@@ -153,7 +153,7 @@ class SampleQueue:
         if self.drop_failed and any(t.failed for t in trajs):
             self.dropped.append(trajs)
             self._drop("groups/dropped_for_failure")
-        elif self.cfg.filters.dynamic_sampling and not bool(informative_groups(self._scores([trajs]))[0]):
+        elif self.cfg.filters.dynamic_sampling and not self._informative(trajs, group.baseline):
             self.dropped.append(trajs)
             self.count("filter/dropped_groups")
             if self.k == 0:
@@ -183,6 +183,12 @@ class SampleQueue:
 
     def count(self, key: str, n: float = 1.0) -> None:
         self.counts[key] = self.counts.get(key, 0.0) + n
+
+    def _informative(self, trajs: list[Trajectory], baseline: Trajectory | None) -> bool:
+        """Whether a group has a nonzero advantage to train on: its rewards spread, or one of them differs
+        from the greedy reward ReMax measures them from (a failed greedy sample is no baseline: §C.3)."""
+        scored = trajs + ([baseline] if baseline is not None and not baseline.failed else [])
+        return bool(informative_groups(self._scores([scored]))[0])
 
     @staticmethod
     def _scores(groups: list[list[Trajectory]]) -> torch.Tensor:
