@@ -96,6 +96,22 @@ def test_algorithm_std_eps_reaches_gigpo():
     close(a[2], 0.5 / (0.5 ** 0.5 + 1))  # s2 is visited once: its step term is 0
 
 
+def test_opo_in_agentic_runs_weighs_each_episode_by_the_tokens_it_sampled():
+    from rollmill.config import AgentConfig
+    from rollmill.config.algorithm import AlgorithmConfig
+    from rollmill.train.advantages import AdvantageComputer
+    from rollmill.train.agent_credit import turn_advantages
+    from rollmill.types import Row, Trajectory, Turn
+
+    trajs = []
+    for index, (reward, tokens) in enumerate([(1.0, 4), (0.0, 2), (0.0, 2), (1.0, 8)]):  # §C.2's first group
+        row = Row([5], [7] * (tokens + 1), [1] * tokens + [0])  # the env token after the reply is not sampled
+        trajs.append(Trajectory(0, index, 0, [row], [Turn("r", "a", "o", reward, None, None, False, 0, "stop")]))
+    per_turn = turn_advantages(trajs, AgentConfig(credit="starpo"), AdvantageComputer(AlgorithmConfig(advantage="opo")),
+                               group_size=4)
+    close(torch.cat(per_turn), [0.25, -0.75, -0.75, 0.25])  # b = 0.75; the group mean 0.5 would give ±0.5
+
+
 def test_gigpo_rejects_misaligned_states():
     with pytest.raises(ValueError, match="2 step rewards but 1 states"):
         gigpo_advantages([t(0, 1)], [["s0"]], [0])

@@ -26,7 +26,9 @@ def turn_advantages(trajs: list[Trajectory], agent: AgentConfig, scalar: Advanta
     groups = [t.group_id for t in trajs]
     if agent.credit == "starpo":
         scores = torch.tensor([t.reward for t in trajs], dtype=torch.float32).view(-1, group_size)
-        per_episode = scalar(scores, torch.ones(len(trajs), 1)).reshape(len(trajs), -1)[:, 0]
+        # an episode's length is every token the policy sampled in it (OPO weighs its baseline by them)
+        lengths = torch.tensor([t.sampled_tokens for t in trajs], dtype=torch.float32).view(-1, group_size)
+        per_episode = scalar(scores, torch.ones(len(trajs), 1), lengths).reshape(len(trajs), -1)[:, 0]
         return [torch.full((t.num_turns,), float(a)) for t, a in zip(trajs, per_episode)]
     if agent.credit == "gigpo":
         rewards = [torch.tensor([turn.reward for turn in t.turns], dtype=torch.float32) for t in trajs]
