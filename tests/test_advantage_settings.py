@@ -3,7 +3,7 @@
 import torch
 
 from rollmill.config import AlgorithmConfig
-from rollmill.train.advantages import AdvantageComputer
+from rollmill.train.advantage_computer import AdvantageComputer
 
 R = torch.tensor([[1.0, 0, 0, 1], [1, 1, 1, 0]])
 MASK = torch.ones(8, 3)

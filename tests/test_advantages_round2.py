@@ -23,7 +23,7 @@ from rollmill.runtime.learner import streaming_blockers
 from rollmill.runtime.queue import SampleQueue
 from rollmill.tasks import Example
 from rollmill.train import build_batch
-from rollmill.train.advantages import AdvantageComputer
+from rollmill.train.advantage_computer import AdvantageComputer
 from rollmill.train.critic import CriticTrainer
 from rollmill.types import GroupSpec, Row, Trajectory, Turn
 

@@ -80,7 +80,7 @@ def test_gigpo_zero_std_gives_zero():
 def test_algorithm_std_eps_reaches_gigpo():
     from rollmill.config import AgentConfig
     from rollmill.config.algorithm import AlgorithmConfig
-    from rollmill.train.advantages import AdvantageComputer
+    from rollmill.train.advantage_computer import AdvantageComputer
     from rollmill.train.agent_credit import turn_advantages
     from rollmill.types import Trajectory, Turn
 
@@ -89,7 +89,7 @@ def test_algorithm_std_eps_reaches_gigpo():
         traj = Trajectory(0, index, 0)
         traj.turns = [Turn("r", "a", "o", float(r), s, None, False, 0, "stop") for r, s in zip(rewards, states)]
         trajs.append(traj)
-    agent = AgentConfig(credit="gigpo", gamma=0.95)
+    agent = AgentConfig(credit="gigpo", turn_gamma=0.95)
     # eps 1: the episode term of the worked example is 0.5 / (0.707107 + 1) instead of 0.5 / 0.707107
     a, b = turn_advantages(trajs, agent, AdvantageComputer(AlgorithmConfig(std_eps=1.0)), group_size=2)
     close(a, gigpo_advantages(**GIGPO, eps=1.0)[0])
@@ -99,7 +99,7 @@ def test_algorithm_std_eps_reaches_gigpo():
 def test_opo_in_agentic_runs_weighs_each_episode_by_the_tokens_it_sampled():
     from rollmill.config import AgentConfig
     from rollmill.config.algorithm import AlgorithmConfig
-    from rollmill.train.advantages import AdvantageComputer
+    from rollmill.train.advantage_computer import AdvantageComputer
     from rollmill.train.agent_credit import turn_advantages
     from rollmill.types import Row, Trajectory, Turn
 

@@ -84,7 +84,7 @@ def test_each_credit_trains_and_fills_the_run_dir(agentic, tmp_path, credit):
 
 
 def test_attention_credit_trains_episodes(agentic, tmp_path):
-    cfg = agentic(algorithm={"credit": "preplan_anchor"}, env={"name": "guess_number", "kwargs": {"low": 1, "high": 4}},
+    cfg = agentic(algorithm={"anchor_credit": "preplan_anchor"}, env={"name": "guess_number", "kwargs": {"low": 1, "high": 4}},
                   train={"seed": 1, "steps": 2})
     train(cfg, tmp_path / "run")
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]

@@ -33,7 +33,7 @@ def test_attention_maps_are_probabilities_and_sdpa_is_restored():
 @pytest.mark.parametrize("mode", ["waad", "fai", "preplan_anchor"])
 def test_advantages_are_amplified_on_the_top_fraction_of_each_reply(mode):
     model, batch = batch_and_model()
-    algo = AlgorithmConfig(credit=mode, credit_kappa=0.5, credit_top_q=0.25, credit_window=4)
+    algo = AlgorithmConfig(anchor_credit=mode, anchor_kappa=0.5, anchor_top_q=0.25, anchor_window=4)
     adv = anchor_scaled_advantages(model, batch, algo, micro_batch_size=4)
     base = batch.advantages[:, None] * batch.mask
     ratio = (adv * batch.mask) / torch.where(base == 0, torch.ones_like(base), base)
@@ -45,7 +45,7 @@ def test_advantages_are_amplified_on_the_top_fraction_of_each_reply(mode):
 
 
 def test_training_with_anchor_credit_runs(tiny_cfg, tmp_path, make_job):
-    cfg = tiny_cfg(algorithm={"credit": "preplan_anchor"}, eval={"before": False})
+    cfg = tiny_cfg(algorithm={"anchor_credit": "preplan_anchor"}, eval={"before": False})
     job = make_job(cfg, tmp_path / "run")
     model = job.roles.learner.model
     before = [p.detach().clone() for p in model.parameters()]
@@ -70,7 +70,7 @@ def test_agentic_rows_gate_only_the_policys_tokens():
         rows.append(row)
         advs.append([1.0 if m else 0.0 for m in row.mask])
     batch = build_batch(rows, advs, pad_id=2)
-    algo = AlgorithmConfig(credit="fai", credit_kappa=1.0, credit_top_q=0.3)
+    algo = AlgorithmConfig(anchor_credit="fai", anchor_kappa=1.0, anchor_top_q=0.3)
     adv = anchor_scaled_advantages(model, batch, algo, micro_batch_size=2)
     mask = batch.mask.bool()
     assert torch.all(adv[~mask] == 0)

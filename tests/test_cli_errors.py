@@ -155,3 +155,9 @@ def test_unknown_key_in_a_list_item_lists_the_items_keys(capsys, tmp_path):
     code, err = run_cli(capsys, *train_args(tmp_path, "reward.functions=[{name: format, wieght: 2}]"))
     assert code == 2 and "unknown key 'reward.functions.0.wieght'" in err
     assert "allowed keys here: ['kwargs', 'name', 'weight']" in err
+
+
+# 8. a key renamed so that one name means one idea
+def test_a_renamed_key_names_its_new_name(capsys, tmp_path):
+    code, err = run_cli(capsys, *train_args(tmp_path, "algorithm.credit=waad"))
+    assert code == 2 and "unknown key 'algorithm.credit' (renamed to 'algorithm.anchor_credit')" in err

@@ -18,7 +18,7 @@ from rollmill.algos.normalize import decoupled_group_scores
 from rollmill.config import AlgorithmConfig, TrainConfig
 from rollmill.models import build_char_tokenizer, build_tiny_model
 from rollmill.train import build_batch
-from rollmill.train.advantages import AdvantageComputer
+from rollmill.train.advantage_computer import AdvantageComputer
 from rollmill.train.logprobs import completion_logprobs
 from rollmill.train.trainer import PolicyTrainer, loss_params
 from rollmill.types import Row

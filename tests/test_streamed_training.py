@@ -111,7 +111,7 @@ def test_streamed_update_equals_the_plain_one(tiny_cfg, loss_agg, track_kl, kl_c
     ({"algorithm": {"advantage": "normalized", "norm_std": "batch"}}, "['batch'] statistics"),
     ({"algorithm": {"advantage": "normalized", "norm_mean": "running"}}, "['running'] statistics"),
     ({"algorithm": {"kl_placement": "reward", "kl_coef": 0.1}}, "kl_placement 'reward'"),
-    ({"algorithm": {"credit": "waad"}}, "credit 'waad'"),
+    ({"algorithm": {"anchor_credit": "waad"}}, "credit 'waad'"),
     ({"algorithm": {"mismatch_ratio_bounds": (0.5, 2.0)}}, "mismatch_ratio_bounds"),
     ({"train": {"ppo_epochs": 2}}, "ppo_epochs=2"),
     ({"train": {"mini_batch_size": 4}}, "mini_batch_size=4"),

@@ -2,7 +2,7 @@
 
 Every registry entry maps rewards [P, G] to advantages [P, G], which the trainer broadcasts to the
 response tokens. Besides the rewards an estimator may declare keyword inputs, which the caller
-(`train.advantages.AdvantageComputer`) passes by name: `eps` (the std epsilon, `algorithm.std_eps`),
+(`train.advantage_computer.AdvantageComputer`) passes by name: `eps` (the std epsilon, `algorithm.std_eps`),
 `lengths` [P, G] (each response's token count) and `baseline` [P] (each group's greedy reward).
 Token-level estimators (GAE, the token form of REINFORCE++) live in `gae.py`. Any KL penalty folded
 into the reward is the caller's job, before these run.

@@ -40,7 +40,8 @@ class AgentConfig(Strict):
     format_hint: bool = Field(True, description="append a line saying how to write an action to the system prompt")
     credit: Literal["starpo", "gigpo", "ipa", "turning_point"] = Field(
         "starpo", description="trajectory-wise (StarPO), step-wise (GiGPO), chunk-level (IPA) or TurningPoint")
-    gamma: float = Field(0.95, gt=0.0, le=1.0, description="per-turn discount (GiGPO step returns, IPA chunk returns)")
+    turn_gamma: float = Field(0.95, gt=0.0, le=1.0, description="per-turn discount (GiGPO step returns, IPA chunk "
+                                                              "returns); algorithm.gamma is GAE's per-token one")
     gigpo_step_weight: float = Field(1.0, ge=0.0, description="weight of the anchor-state step advantage")
     gigpo_scale_by_std: bool = Field(True, description="divide GiGPO's two terms by their group std")
     ipa_failure_reward: float | None = Field(None, description="IPA return of failed episodes; None = 0")

@@ -43,12 +43,13 @@ class AlgorithmConfig(Strict):
     tis_level: Literal["token", "sequence", "geometric"] = Field("token", description="level of the TIS ratio and mismatch filter")
     mismatch_ratio_bounds: tuple[float, float] | None = Field(None, description="drop tokens/sequences whose ratio leaves [lo, hi]")
     # Preplan-and-anchor credit (§4.5; constants UNVERIFIED): amplify advantages on attention-selected tokens.
-    credit: Literal["none", "waad", "fai", "preplan_anchor"] = Field("none", description="attention-based token credit")
-    credit_kappa: float = Field(0.5, ge=0.0, description="amplification: A_t * (1 + kappa * gate_t)")
-    credit_top_q: float = Field(0.1, gt=0.0, le=1.0, description="fraction of each reply's tokens gated")
-    credit_window: int = Field(16, gt=0, description="WAAD distance clip W")
-    credit_layer: int = Field(-1, description="which layer's attention maps to read (negative counts from the end)")
-    credit_positive_only: bool = Field(False, description="amplify only where A > 0")
+    anchor_credit: Literal["none", "waad", "fai", "preplan_anchor"] = Field(
+        "none", description="attention-based token credit (agent.credit is the multi-turn rule)")
+    anchor_kappa: float = Field(0.5, ge=0.0, description="amplification: A_t * (1 + kappa * gate_t)")
+    anchor_top_q: float = Field(0.1, gt=0.0, le=1.0, description="fraction of each reply's tokens gated")
+    anchor_window: int = Field(16, gt=0, description="WAAD distance clip W")
+    anchor_layer: int = Field(-1, description="which layer's attention maps to read (negative counts from the end)")
+    anchor_positive_only: bool = Field(False, description="amplify only where A > 0")
     # Policy-loss parameters: each is named exactly like the keyword of the losses that take it.
     clip_eps_high: float | None = Field(None, gt=0.0, description="clip-higher upper epsilon (DAPO 0.28); None = clip_eps")
     dual_clip_c: float | None = Field(None, gt=1.0, description="dual-clip bound for A<0 (paper 3.0, ROLL 1+2*clip_eps); None = off")

@@ -8,6 +8,15 @@ from typing import Any, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 
+# Keys renamed so that one name means one idea (old -> new): an old config gets told the new name.
+RENAMED = {
+    "algorithm.credit": "algorithm.anchor_credit", "algorithm.credit_kappa": "algorithm.anchor_kappa",
+    "algorithm.credit_top_q": "algorithm.anchor_top_q", "algorithm.credit_window": "algorithm.anchor_window",
+    "algorithm.credit_layer": "algorithm.anchor_layer", "algorithm.credit_positive_only": "algorithm.anchor_positive_only",
+    "agent.gamma": "agent.turn_gamma",
+}
+
+
 def format_validation_error(err: ValidationError, root: type[BaseModel]) -> str:
     """One line per problem: an unknown key lists the keys its own section (or list item) allows,
     any other error names the key, the value given and pydantic's reason."""
@@ -17,7 +26,8 @@ def format_validation_error(err: ValidationError, root: type[BaseModel]) -> str:
         if e["type"] == "extra_forbidden":
             section = section_model(root, e["loc"][:-1])
             allowed = sorted(f.alias or name for name, f in section.model_fields.items()) if section else []
-            lines.append(f"unknown key {key!r}; allowed keys here: {allowed}")
+            renamed = f" (renamed to {RENAMED[key]!r})" if key in RENAMED else ""
+            lines.append(f"unknown key {key!r}{renamed}; allowed keys here: {allowed}")
         elif isinstance(e.get("input"), dict):  # a check across a section's keys: no need to echo the section
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(msg if not key or msg.startswith(key) else f"{key}: {msg}")

@@ -178,7 +178,7 @@ class AgenticPipeline(RLPipeline):
             rows.extend(traj.rows)
             advs.extend(token_advantages(traj, adv))
         batch = build_batch(rows, advs, learner.pad_id)
-        if cfg.algorithm.credit != "none":
+        if cfg.algorithm.anchor_credit != "none":
             # Env text is off the mask, so only the policy's own tokens compete for the gate.
             batch.advantages = anchor_scaled_advantages(learner.model, batch, cfg.algorithm,
                                                         cfg.train.micro_batch_size)

@@ -143,7 +143,7 @@ class RLVRPipeline(RLPipeline):
             elif token_kl is not None:
                 scores = learner.kl.penalized_scores(scores, token_kl)
             batch.advantages = learner.advantages(scores, batch.mask, lengths, baseline, **kl)
-            if algo.credit != "none":
+            if algo.anchor_credit != "none":
                 batch.advantages = anchor_scaled_advantages(learner.model, batch, algo, cfg.train.micro_batch_size)
             metrics = learner.trainer.step(batch, ref_logp=ref_logp)
         else:

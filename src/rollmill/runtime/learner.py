@@ -32,7 +32,7 @@ from rollmill.train.checkpoint import (ADAPTER_FILE, MODEL_FILE, folder_files, g
                                        read_checkpoint, read_model_file, restore_optimizer, restore_weights,
                                        tied_names, write_checkpoint)
 from rollmill.train.parallel import DataParallel, shard_model
-from rollmill.train.advantages import AdvantageComputer
+from rollmill.train.advantage_computer import AdvantageComputer
 from rollmill.train.consistency import check_logprob_gap
 from rollmill.train.critic import CriticTrainer
 from rollmill.train.kl_control import KLControl
@@ -90,8 +90,8 @@ def streaming_blockers(cfg: RunConfig) -> list[str]:
         reasons.append("algorithm.whiten_advantages whitens over the whole batch")
     if algo.kl_placement == "reward" and algo.kl_coef > 0:
         reasons.append("kl_placement 'reward' folds the KL into the scores before the advantages")
-    if algo.credit != "none":
-        reasons.append(f"algorithm.credit {algo.credit!r} rescales advantages over the whole batch")
+    if algo.anchor_credit != "none":
+        reasons.append(f"algorithm.anchor_credit {algo.anchor_credit!r} rescales advantages over the whole batch")
     if cfg.runtime.learner.ranks > 1:
         reasons.append(f"runtime.learner.ranks={cfg.runtime.learner.ranks}: data-parallel ranks train shares of a whole batch")
     options = PIPELINES[cfg.pipeline].trainer_options(cfg)

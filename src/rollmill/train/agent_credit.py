@@ -16,7 +16,7 @@ from rollmill.algos.agentic import (
     turning_point_rewards,
 )
 from rollmill.config import AgentConfig
-from rollmill.train.advantages import AdvantageComputer
+from rollmill.train.advantage_computer import AdvantageComputer
 from rollmill.types import Trajectory
 
 
@@ -33,11 +33,11 @@ def turn_advantages(trajs: list[Trajectory], agent: AgentConfig, scalar: Advanta
     if agent.credit == "gigpo":
         rewards = [torch.tensor([turn.reward for turn in t.turns], dtype=torch.float32) for t in trajs]
         states = [[turn.state for turn in t.turns] for t in trajs]
-        return gigpo_advantages(rewards, states, groups, gamma=agent.gamma, step_weight=agent.gigpo_step_weight,
+        return gigpo_advantages(rewards, states, groups, gamma=agent.turn_gamma, step_weight=agent.gigpo_step_weight,
                                 scale_by_std=agent.gigpo_scale_by_std, eps=scalar.algo.std_eps)
     if agent.credit == "ipa":
         returns = ipa_chunk_returns([t.num_turns for t in trajs], [t.reward for t in trajs], [t.success for t in trajs],
-                                    gamma=agent.gamma, failure_reward=agent.ipa_failure_reward)
+                                    gamma=agent.turn_gamma, failure_reward=agent.ipa_failure_reward)
         return _with_penalties(returns, trajs, agent)
     values = [progress_values(t) for t in trajs]
     step_rewards, flags = map(list, zip(*(turning_point_rewards(v, eta=agent.tp_eta) for v in values)))

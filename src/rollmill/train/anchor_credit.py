@@ -1,8 +1,8 @@
 """Preplan-and-anchor credit (docs/algorithms.md §4.5): scale token advantages by attention structure.
 
 An extra no-grad forward with eager attention reads one layer's attention maps; WAAD marks
-preplan tokens, FAI marks anchor tokens, and the top `credit_top_q` of them get their advantage
-multiplied by 1 + `credit_kappa`. The constants and the head selection rule are UNVERIFIED in the
+preplan tokens, FAI marks anchor tokens, and the top `anchor_top_q` of them get their advantage
+multiplied by 1 + `anchor_kappa`. The constants and the head selection rule are UNVERIFIED in the
 spec, so all of them are config keys.
 """
 
@@ -36,9 +36,9 @@ def attention_maps(model: PreTrainedModel, batch: TrainBatch, layer: int, micro_
 
 def anchor_scaled_advantages(model: PreTrainedModel, batch: TrainBatch, algo: AlgorithmConfig, micro_batch_size: int):
     """Token advantages [B, C]: the batch's advantages amplified on preplan/anchor tokens."""
-    attn = attention_maps(model, batch, algo.credit_layer, micro_batch_size)
+    attn = attention_maps(model, batch, algo.anchor_layer, micro_batch_size)
     p, c = batch.prompt_width, batch.completion_width
     valid = batch.attention_mask[:, : p + c].bool() & torch.cat(
         [torch.ones(batch.size, p, dtype=torch.bool), batch.mask.bool()], dim=1)
-    gate = anchor_credit_gate(attn, valid, slice(p, p + c), algo.credit, algo.credit_window, algo.credit_top_q)
-    return amplify_advantages(batch.token_advantages.expand(-1, c), gate, algo.credit_kappa, algo.credit_positive_only)
+    gate = anchor_credit_gate(attn, valid, slice(p, p + c), algo.anchor_credit, algo.anchor_window, algo.anchor_top_q)
+    return amplify_advantages(batch.token_advantages.expand(-1, c), gate, algo.anchor_kappa, algo.anchor_positive_only)
