@@ -224,7 +224,8 @@ def test_root_only_host_files_stay_unreadable_through_the_server(tmp_path):
     import httpx
 
     from rollmill.sandbox.bwrap import BwrapBackend
-    from rollmill.sandbox.server import ServerThread, make_app
+    from rollmill.sandbox.serve import ServerThread
+    from rollmill.sandbox.server import make_app
 
     secrets, own = secret_dir(tmp_path)
     targets = [*root_only_files(Path("/etc"), limit=3), *own]

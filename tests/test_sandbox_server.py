@@ -10,7 +10,8 @@ import pytest
 
 from rollmill.sandbox.bwrap import BwrapBackend
 from rollmill.sandbox.client import RemoteBackend
-from rollmill.sandbox.server import ServerThread, make_app, serve_main
+from rollmill.sandbox.serve import ServerThread, serve_main
+from rollmill.sandbox.server import make_app
 from rollmill.sandbox.spec import ExecResult, Mount, SandboxError, SandboxSpec, Status
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")

@@ -25,7 +25,8 @@ from rollmill.sandbox.cgroup import CGROUP_ROOT, CONTROLLERS, PARENT, cgroups_av
 from rollmill.sandbox.client import RemoteBackend
 from rollmill.sandbox.limits import Limits
 from rollmill.sandbox.process import ProcessBackend
-from rollmill.sandbox.server import ServerThread, make_app, serve_main
+from rollmill.sandbox.serve import ServerThread, serve_main
+from rollmill.sandbox.server import make_app
 from rollmill.sandbox.spec import SandboxError, SandboxSpec, Status
 
 TOKEN = "s3cret-token"
@@ -238,7 +239,7 @@ def serve_args(*argv):
 
 
 def test_serving_without_a_token_needs_the_explicit_flag(monkeypatch, capsys, processes):
-    import rollmill.sandbox.server as server
+    import rollmill.sandbox.serve as server
 
     monkeypatch.delenv("ROLLMILL_SANDBOX_TOKEN", raising=False)
     served = []

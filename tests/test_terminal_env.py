@@ -121,7 +121,8 @@ def test_agentic_rl_on_the_terminal_env_runs_end_to_end(tmp_path):
 @needs_bwrap
 def test_the_env_works_the_same_over_a_remote_sandbox_server(tmp_path, monkeypatch):
     from rollmill.sandbox.bwrap import BwrapBackend
-    from rollmill.sandbox.server import ServerThread, make_app
+    from rollmill.sandbox.serve import ServerThread
+    from rollmill.sandbox.server import make_app
     from rollmill.terminal import builtin_tasks_dir
 
     local = BwrapBackend(root=tmp_path / "sb")

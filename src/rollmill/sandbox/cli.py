@@ -63,7 +63,7 @@ def _add_ceiling_flags(serve) -> None:
 
 def sandbox_main(args) -> int:
     if args.sandbox_command == "serve":
-        from rollmill.sandbox.server import serve_main
+        from rollmill.sandbox.serve import serve_main
         return serve_main(args)
     if args.sandbox_command == "sweep":
         backend = make_backend("bwrap", **({"root": args.root} if args.root else {}), sweep=False)
