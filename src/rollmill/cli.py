@@ -270,14 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="pass@1 / pass@k on the held-out split")
-    p.add_argument("target", nargs="?", help="a run directory (latest checkpoint; a cascade's: its final one) or a YAML config (initial weights)")
+    p.add_argument("target", nargs="?", help="a run directory (latest checkpoint; a cascade's: its final one) "
+                                             "or a YAML config (initial weights)")
     p.add_argument("--set", **sets)
     p.add_argument("--n", type=int, default=None, help="samples per prompt (pass@k for k <= n)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a checkpoint as a standalone transformers folder (LoRA merged)")
-    p.add_argument("target", help="a run directory (latest checkpoint; a cascade's: its final one) or one of its checkpoints/step_N folders")
+    p.add_argument("target", help="a run directory (latest checkpoint; a cascade's: its final one) or one of its "
+                                  "checkpoints/step_N folders")
     p.add_argument("out", help="the new model folder")
     p.set_defaults(func=cmd_export)
 

@@ -268,10 +268,10 @@ class RunConfig(Strict):
     def _algorithm_for_rl(self) -> "RunConfig":
         """SFT, distillation and DPO on a preference file take no RL objective: an algorithm section there
         would be silently ignored."""
-        offline_dpo = self.pipeline == "dpo" and self.dpo.offline
-        if (self.pipeline in ("sft", "distill") or offline_dpo) and self.algorithm != AlgorithmConfig():
+        offline_dpo, default = self.pipeline == "dpo" and self.dpo.offline, AlgorithmConfig()
+        if (self.pipeline in ("sft", "distill") or offline_dpo) and self.algorithm != default:
             what = "dpo with dpo.path" if offline_dpo else repr(self.pipeline)
-            changed = sorted(k for k, v in self.algorithm.model_dump().items() if v != getattr(AlgorithmConfig(), k))
+            changed = sorted(k for k, v in self.algorithm.model_dump().items() if v != getattr(default, k))
             raise ValueError(f"the algorithm section applies only to RL pipelines; pipeline {what} does not use it "
                              f"(set here: {', '.join(f'algorithm.{k}' for k in changed)}): remove it")
         return self

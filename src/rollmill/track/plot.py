@@ -52,8 +52,10 @@ def build_figure(records: list[dict], title: str) -> Figure:
     logged = sorted({k for r in records for k in r})
     train_keys = [(key, style) for key, style in TRAIN_KEYS if key in logged]
     extra = [(name, found) for name, keys in OPTIONAL_PANELS if (found := _matching(keys, logged))]
-    panels = ([("training batch", None)] if train_keys else []) + [("held-out eval", (-0.05, 1.05))] + [
-        (name, None) for name, _ in extra]
+    evals = [(k, "o-") for k in logged if k in EVAL_KEYS or k.startswith("eval/pass@")]
+    panels = ([("training batch", None, train_keys)] if train_keys else []) + [
+        ("held-out eval", (-0.05, 1.05), evals)] + [
+        (name, None, [(k, "o-" if k.startswith("eval/") else "-") for k in keys]) for name, keys in extra]
     n = len(panels)
     cols = n if n <= 2 else COLUMNS
     rows = -(-n // cols)
@@ -61,10 +63,7 @@ def build_figure(records: list[dict], title: str) -> Figure:
     axes = list(fig.subplots(rows, cols, squeeze=False).flat)
     for ax in axes[n:]:
         fig.delaxes(ax)
-    curves = ([train_keys] if train_keys else []) + [
-        [(k, "o-") for k in logged if k in EVAL_KEYS or k.startswith("eval/pass@")]] + [
-        [(k, "o-" if k.startswith("eval/") else "-") for k in keys] for _, keys in extra]
-    for ax, (name, ylim), keys in zip(axes, panels, curves):
+    for ax, (name, ylim, keys) in zip(axes, panels):
         for key, style in keys:
             _curve(ax, records, key, style)
         ax.set(title=name)  # rewards may be negative (penalties): only held-out rates get a fixed y range
