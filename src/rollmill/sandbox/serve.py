@@ -24,11 +24,14 @@ from fastapi import FastAPI
 from rollmill.sandbox import make_backend
 from rollmill.sandbox.backend import SandboxBackend
 from rollmill.sandbox.limits import Limits
-from rollmill.sandbox.server import SHUTDOWN_GRACE_S, TOKEN_ENV, in_own_thread, make_app
+from rollmill.sandbox.server import in_own_thread, make_app
 from rollmill.sandbox.spec import SandboxError
 from rollmill.sandbox.tracker import kill_child_processes
 
 log = logging.getLogger(__name__)
+TOKEN_ENV = "ROLLMILL_SANDBOX_TOKEN"
+# how long uvicorn waits for requests in flight once every command is dead
+SHUTDOWN_GRACE_S = 2
 
 
 class _Server(uvicorn.Server):

@@ -36,9 +36,6 @@ from rollmill.sandbox.spec import SandboxError, SandboxSpec, Status
 from rollmill.sandbox.tracker import SandboxTracker
 
 log = logging.getLogger(__name__)
-TOKEN_ENV = "ROLLMILL_SANDBOX_TOKEN"
-# how long uvicorn waits for requests in flight once every command is dead
-SHUTDOWN_GRACE_S = 2
 # the same ids BwrapBackend accepts; checked here too because other backends build paths from them
 ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
 SandboxId = Annotated[str, PathParam(pattern=ID_PATTERN)]
